@@ -1,0 +1,10 @@
+"""monai_gdl_plus: Dice-family losses and per-class Dice monitoring for MONAI and PyTorch-Ignite."""
+
+from __future__ import annotations
+
+from monai_gdl_plus import functional
+from monai_gdl_plus.losses import DicePlusLoss, GeneralizedDicePlusLoss
+
+__version__ = "0.1.0"
+
+__all__ = ["DicePlusLoss", "GeneralizedDicePlusLoss", "functional", "__version__"]

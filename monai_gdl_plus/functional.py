@@ -1,0 +1,873 @@
+"""Functional core of the Dice-family losses and of the per-class Dice metric.
+
+Tensors in, tensors out, no state. Every loss is the same four steps:
+
+1. :func:`prepare` -- activation, label map or one-hot target, ignore mask, kept channels;
+2. :func:`per_class_terms` -- intersection ``I = sum(p * g)``, prediction sum ``P = sum(p)`` (or ``sum(p**2)``)
+   and target sum ``G = sum(g)`` per (sample, class), without ever building a dense one-hot of a label map;
+3. :func:`dice_from_terms` / :func:`generalized_dice_from_terms` -- combine the terms;
+4. :func:`reduce_loss` -- ``"none" | "mean" | "sum"``.
+
+:func:`dice_plus_loss` and :func:`generalized_dice_plus_loss` chain those steps (plus an optional cross-entropy
+term); the ``nn.Module`` classes in :mod:`monai_gdl_plus.losses` are thin wrappers around them. The metric shares
+:func:`per_class_terms` and :func:`label_terms` (hard counts).
+
+Forms (MONAI 1.6.1): with ``D = P + G``,
+Dice ``1 - (2I + smooth_nr) / (D + smooth_dr)``, Jaccard ``1 - (2I + smooth_nr) / (2(D - I) + smooth_dr)``.
+References: Milletari et al. 2016 (V-Net, squared denominator); Sudre et al. 2017 (Generalised Dice).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+from monai.utils import look_up_option
+
+__all__ = [
+    "REDUCTIONS",
+    "W_TYPES",
+    "ABSENT_WEIGHTS",
+    "DiceTerms",
+    "Prepared",
+    "activate",
+    "prepare",
+    "per_class_terms",
+    "label_terms",
+    "dice_from_terms",
+    "generalized_dice_from_terms",
+    "gdl_weights",
+    "reduce_loss",
+    "cross_entropy_term",
+    "dice_plus_loss",
+    "generalized_dice_plus_loss",
+]
+
+REDUCTIONS = ("none", "mean", "sum")
+W_TYPES = ("square", "simple", "uniform")
+ABSENT_WEIGHTS = ("max", "zero")
+
+Reduction = Literal["none", "mean", "sum"]
+WType = Literal["square", "simple", "uniform"]
+AbsentWeight = Union[Literal["max", "zero"], float]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class DiceTerms(NamedTuple):
+    """Per-class sums shared by the losses and the metric, each of shape (B, C) (or (C,) once summed over batch).
+
+    Attributes:
+        intersection: ``sum(p * g)``.
+        pred_sum: ``sum(p)``, or ``sum(p**2)`` for the squared (V-Net) denominator.
+        target_sum: ``sum(g)``, or ``sum(g**2)`` for the squared denominator (the same for a binary target).
+    """
+
+    intersection: torch.Tensor
+    pred_sum: torch.Tensor
+    target_sum: torch.Tensor
+
+
+class Prepared(NamedTuple):
+    """What :func:`prepare` returns.
+
+    Attributes:
+        probs: activated prediction, float32 (or float64), shape (B, C, N) -- all C channels.
+        labels: integer label map (B, N) with ignored voxels set to 0, or None for a dense target.
+        target: dense target (B, C, N), or None for a label map.
+        mask: (B, N) float, 1 = voxel counts, 0 = ignored; None without ``ignore_index``.
+        keep: the channel indices that enter the Dice sums (background and an in-range ignore_index dropped).
+    """
+
+    probs: torch.Tensor
+    labels: torch.Tensor | None
+    target: torch.Tensor | None
+    mask: torch.Tensor | None
+    keep: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# argument checks (pure Python, run once at construction by the modules)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_option(name: str, value: object, options: Sequence[str]) -> str:
+    """Return ``value`` as one of ``options`` or raise a ValueError naming the argument (with "did you mean")."""
+    try:
+        return str(look_up_option(value, options))
+    except ValueError as e:
+        raise ValueError(f"`{name}` must be one of {tuple(options)}, got {value!r}. {e}") from None
+
+
+def check_weight(weight: Sequence[float] | float | int | torch.Tensor | None) -> torch.Tensor | None:
+    """Static class weights as a float tensor (0-d or 1-d), checked for sign and finiteness."""
+    if weight is None:
+        return None
+    try:
+        w = torch.as_tensor(weight, dtype=torch.float32).detach().clone()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"`weight` must be a number, a sequence of numbers or a tensor, got {weight!r}.") from e
+    if w.ndim > 1:
+        raise ValueError(f"`weight` must be a scalar or a 1-D sequence (one value per class), got shape {tuple(w.shape)}.")
+    if w.device.type != "meta" and (not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
+        raise ValueError(f"`weight` values must be finite and no less than 0, got {w.tolist()}.")
+    return w
+
+
+def check_args(
+    *,
+    sigmoid: bool,
+    softmax: bool,
+    other_act: Callable | None,
+    reduction: str,
+    smooth_nr: float,
+    smooth_dr: float,
+    lambda_dice: float,
+    lambda_ce: float,
+    label_smoothing: float,
+    ignore_index: int | None,
+    w_type: str | None = None,
+    absent_weight: AbsentWeight | None = None,
+) -> dict:
+    """Validate the loss arguments; return the normalised option strings. Raises ValueError/TypeError."""
+    if other_act is not None and not callable(other_act):
+        raise TypeError(f"`other_act` must be None or callable, got {type(other_act).__name__}.")
+    if int(bool(sigmoid)) + int(bool(softmax)) + int(other_act is not None) > 1:
+        raise ValueError(
+            "`sigmoid`, `softmax` and `other_act` are mutually exclusive: got "
+            f"sigmoid={sigmoid}, softmax={softmax}, other_act={other_act!r}."
+        )
+    out: dict = {"reduction": check_option("reduction", reduction, REDUCTIONS)}
+    for name, v in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
+        if not isinstance(v, (int, float)) or v < 0:
+            raise ValueError(f"`{name}` must be a number no less than 0, got {v!r}.")
+    for name, v in (("lambda_dice", lambda_dice), ("lambda_ce", lambda_ce)):
+        if not isinstance(v, (int, float)) or v < 0:
+            raise ValueError(f"`{name}` must be a number no less than 0.0, got {v!r}.")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"`label_smoothing` must be a number in [0, 1], got {label_smoothing!r}.")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
+    if lambda_ce > 0 and out["reduction"] == "none":
+        raise ValueError(
+            "`reduction='none'` cannot be combined with `lambda_ce` > 0: the cross-entropy term has no per-class "
+            f"value (got lambda_ce={lambda_ce}). Use reduction='mean' or 'sum', or lambda_ce=0."
+        )
+    if w_type is not None:
+        out["w_type"] = check_option("w_type", w_type, W_TYPES)
+    if absent_weight is not None:
+        if isinstance(absent_weight, bool):
+            raise TypeError(f"`absent_weight` must be 'max', 'zero' or a float, got {absent_weight!r}.")
+        if isinstance(absent_weight, (int, float)):
+            if not absent_weight >= 0 or absent_weight == float("inf"):
+                raise ValueError(f"`absent_weight` as a number must be finite and >= 0, got {absent_weight!r}.")
+            out["absent_weight"] = float(absent_weight)
+        else:
+            out["absent_weight"] = check_option("absent_weight", absent_weight, ABSENT_WEIGHTS)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# step 1: preparation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """Drop tensor subclasses such as MONAI's MetaTensor (autograd-transparent)."""
+    if type(x) is not torch.Tensor and isinstance(x, torch.Tensor):
+        return x.as_subclass(torch.Tensor)
+    return x
+
+
+def _checks_enabled(x: torch.Tensor) -> bool:
+    """Value checks that read data: never while torch.compile traces, never on the meta device."""
+    if x.device.type == "meta":
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def _value_check(ok: torch.Tensor, message: str, validate: bool) -> None:
+    """Raise ``ValueError(message)`` unless ``ok`` (a 0-d bool tensor) holds, without a host sync off the CPU.
+
+    CPU tensors are checked eagerly (no sync to speak of). On an accelerator the check is an asynchronous device
+    assertion unless ``validate=True``, which makes it a full (synchronising) check with the readable ValueError.
+    """
+    if not _checks_enabled(ok):
+        return
+    if ok.device.type == "cpu" or validate:
+        if not bool(ok):
+            raise ValueError(message)
+    elif ok.device.type == "cuda":
+        torch._assert_async(ok, message)
+
+
+def activate(
+    input: torch.Tensor, sigmoid: bool = False, softmax: bool = False, other_act: Callable | None = None
+) -> torch.Tensor:
+    """Apply the activation along the channel axis (dim 1); fp16/bf16 inputs are computed in float32.
+
+    With one channel, ``softmax=True`` is ignored with a warning (as MONAI does).
+    """
+    x = input.float() if input.dtype in _LOW_PRECISION else input
+    if sigmoid:
+        return torch.sigmoid(x)
+    if softmax:
+        if input.shape[1] == 1:
+            warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
+            return x
+        return torch.softmax(x, 1)
+    if other_act is not None:
+        out = other_act(x)
+        return out.float() if out.dtype in _LOW_PRECISION else out
+    return x
+
+
+def _check_shapes(input: torch.Tensor, target: torch.Tensor) -> None:
+    if input.ndim < 3:
+        raise ValueError(
+            f"`input` must have shape (B, C, *spatial) with at least one spatial axis, got {tuple(input.shape)}."
+        )
+    if target.ndim != input.ndim:
+        raise ValueError(
+            f"`target` must have as many dimensions as `input` (B, C or 1, *spatial): got target shape "
+            f"{tuple(target.shape)} and input shape {tuple(input.shape)}."
+        )
+    if target.shape[0] != input.shape[0] or target.shape[2:] != input.shape[2:]:
+        raise ValueError(
+            f"`target` batch and spatial shape must match `input`: got target shape {tuple(target.shape)} "
+            f"and input shape {tuple(input.shape)}."
+        )
+
+
+def _label_map(
+    target: torch.Tensor, num_classes: int, ignore_index: int | None, validate: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Integer labels (B, N) with ignored voxels mapped to 0, and the keep-mask (B, N) or None."""
+    t = target.reshape(target.shape[0], -1)
+    if t.is_floating_point() or t.is_complex():
+        if _checks_enabled(t):
+            _value_check(
+                (t == torch.round(t)).all(),
+                "`target` label map must hold integer class indices, got non-integer values.",
+                validate,
+            )
+        t = t.long()
+    elif t.dtype != torch.long:
+        t = t.long()
+    valid = None if ignore_index is None else t != ignore_index
+    if _checks_enabled(t):
+        in_range = (t >= 0) & (t < num_classes)
+        ok = in_range if valid is None else in_range | ~valid
+        msg = (
+            f"`target` label values must lie in [0, {num_classes}) (the number of channels of `input`)"
+            + ("" if ignore_index is None else f" or equal `ignore_index`={ignore_index}")
+        )
+        if t.device.type == "cpu" or validate:
+            if not bool(ok.all()):
+                bad = torch.unique(t[~ok])[:8].tolist()
+                raise ValueError(f"{msg}, got {bad}.")
+        else:
+            _value_check(ok.all(), msg + ".", validate)
+    if valid is None:
+        return t, None
+    return torch.where(valid, t, torch.zeros_like(t)), valid.to(torch.float32)
+
+
+def _dense_mask(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor | None:
+    """MONAI's ignore mask for a dense target (B, C, N): label compare for one channel; one-hot rules otherwise."""
+    if ignore_index is None:
+        return None
+    if target.shape[1] == 1:
+        return (target[:, 0] != ignore_index).to(torch.float32)
+    if 0 <= ignore_index < target.shape[1]:
+        return (1.0 - target[:, ignore_index]).to(torch.float32)
+    return (target.sum(1) > 0).to(torch.float32)
+
+
+def prepare(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    soft_label: bool = False,
+    ignore_index: int | None = None,
+    validate: bool = False,
+) -> Prepared:
+    """Activation, target layout, ignore mask and kept channels, shared by every loss.
+
+    Args:
+        input: logits or probabilities (B, C, *spatial).
+        target: one-hot / binary (B, C, *spatial), or a label map (B, 1, *spatial) with ``to_onehot_y=True``.
+        include_background: keep channel 0 in the sums.
+        to_onehot_y: treat a one-channel target as a label map of ``C`` classes (never materialised as one-hot).
+        sigmoid, softmax, other_act: activation (at most one).
+        soft_label: allow non-binary dense targets.
+        ignore_index: label whose voxels are excluded from every sum; an index in [0, C) also drops its channel.
+        validate: run every value check, synchronising if needed, and scan ``input`` for NaN/Inf.
+
+    Raises:
+        ValueError: shapes that do not match, label values outside [0, C) other than ``ignore_index``,
+            a non-binary target without ``soft_label``, NaN/Inf in ``input`` with ``validate=True``.
+    """
+    input, target = _plain(input), _plain(target)
+    _check_shapes(input, target)
+    if validate and _checks_enabled(input):
+        if not bool(torch.isfinite(input).all()):
+            raise ValueError("`input` contains NaN or Inf values (found by `validate=True`).")
+    num_ch = input.shape[1]
+    b = input.shape[0]
+    probs = activate(input, sigmoid, softmax, other_act).reshape(b, num_ch, -1)
+
+    if to_onehot_y and num_ch == 1:
+        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)
+    label_path = to_onehot_y and num_ch > 1
+    if label_path and target.shape[1] != 1:
+        raise ValueError(
+            f"`to_onehot_y=True` expects a label map `target` of shape (B, 1, *spatial), got target shape "
+            f"{tuple(target.shape)} for input shape {tuple(input.shape)}."
+        )
+    if not label_path and target.shape[1] != num_ch:
+        hint = " A label map needs `to_onehot_y=True`." if target.shape[1] == 1 else ""
+        raise ValueError(
+            f"`target` must have {num_ch} channels like `input` (one-hot), got target shape {tuple(target.shape)} "
+            f"and input shape {tuple(input.shape)}.{hint}"
+        )
+
+    labels = dense = mask = None
+    if label_path:
+        labels, mask = _label_map(target, num_ch, ignore_index, validate)
+    else:
+        dense = target.reshape(b, num_ch, -1)
+        if not dense.is_floating_point():
+            dense = dense.to(probs.dtype)
+        elif dense.dtype in _LOW_PRECISION:
+            dense = dense.float()
+        mask = _dense_mask(dense, ignore_index)
+        if not soft_label and _checks_enabled(dense):
+            counted = dense if mask is None else dense * mask[:, None]
+            _value_check(
+                ((counted == 0) | (counted == 1)).all(),
+                "`target` must be binary (0/1) unless `soft_label=True`; got non-binary values.",
+                validate,
+            )
+
+    if not include_background and num_ch == 1:
+        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
+    start = 1 if (not include_background and num_ch > 1) else 0
+    if mask is not None:
+        mask = mask.to(probs.dtype)
+    keep = tuple(c for c in range(start, num_ch) if not (ignore_index is not None and c == ignore_index and num_ch > 1))
+    return Prepared(probs, labels, dense, mask, keep)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# step 2: per-class terms
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _scatter_sum(values: torch.Tensor, labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """``out[b, c] = sum(values[b, n] for n with labels[b, n] == c)`` -- a one-hot-free class histogram."""
+    out = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
+    return out.scatter_add(1, labels, values.to(dtype))
+
+
+def _label_terms_soft(
+    probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, squared: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_ch = probs.shape[1]
+    true_p = probs.gather(1, labels[:, None]).squeeze(1)  # (B, N): probability of the true class
+    if mask is not None:
+        true_p = true_p * mask
+    # float64 accumulation: scatter_add sums sequentially, float32 would drift on large volumes
+    inter = _scatter_sum(true_p, labels, num_ch, torch.float64).to(probs.dtype)
+    ones = mask if mask is not None else torch.ones_like(true_p)
+    tsum = _scatter_sum(ones, labels, num_ch, probs.dtype)
+    q = probs * probs if squared else probs
+    psum = q.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", q, mask)
+    return inter, psum, tsum
+
+
+def _dense_terms(
+    probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, squared: bool, soft_label: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(I, P, G, V) for a dense target; V = sum(g) (GDL volumes), which differs from G only for squared soft labels."""
+    if mask is not None:
+        probs = probs * mask[:, None]
+        target = target * mask[:, None]
+    if soft_label and not squared:
+        # MONAI's soft-label form (Wang et al. 2023): I = (|p|_1 + |g|_1 - |p - g|_1) / 2
+        psum = probs.abs().sum(-1)
+        tsum = target.abs().sum(-1)
+        inter = (psum + tsum - (probs - target).abs().sum(-1)) / 2
+        vol = target.sum(-1)
+        return inter, psum, tsum, vol
+    inter = (probs * target).sum(-1)
+    if squared:
+        psum = (probs * probs).sum(-1)
+        tsum = (target * target).sum(-1)
+        vol = target.sum(-1) if soft_label else tsum
+    else:
+        psum = probs.sum(-1)
+        tsum = vol = target.sum(-1)
+    return inter, psum, tsum, vol
+
+
+def _terms_and_volumes(prep: Prepared, squared: bool, soft_label: bool) -> tuple[DiceTerms, torch.Tensor]:
+    if prep.labels is not None:
+        inter, psum, tsum = _label_terms_soft(prep.probs, prep.labels, prep.mask, squared)
+        vol = tsum
+    else:
+        assert prep.target is not None
+        inter, psum, tsum, vol = _dense_terms(prep.probs, prep.target, prep.mask, squared, soft_label)
+    if len(prep.keep) != prep.probs.shape[1]:
+        idx = torch.tensor(prep.keep, device=inter.device, dtype=torch.long)
+        inter, psum, tsum, vol = (t.index_select(1, idx) for t in (inter, psum, tsum, vol))
+    return DiceTerms(inter, psum, tsum), vol
+
+
+def per_class_terms(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    squared: bool = False,
+    mask: torch.Tensor | None = None,
+    soft_label: bool = False,
+) -> DiceTerms:
+    """Per-(sample, class) intersection, prediction sum and target sum.
+
+    Args:
+        probs: activated prediction (B, C, *spatial), values usually in [0, 1].
+        target: dense target (B, C, *spatial), or an integer label map (B, 1, *spatial) / (B, *spatial) with values
+            in [0, C) -- a label map is never expanded to a one-hot tensor.
+        squared: use ``sum(p**2)`` and ``sum(g**2)`` (V-Net) for the sums.
+        mask: optional (B, 1, *spatial) or (B, *spatial) weights, 1 = counted, 0 = ignored.
+        soft_label: MONAI's soft-label intersection for dense non-binary targets.
+
+    Returns:
+        :class:`DiceTerms` of (B, C) tensors in ``probs``' dtype (float32 for half inputs).
+
+    Shapes:
+        probs (B, C, *S); target (B, C, *S) | (B, 1, *S) | (B, *S); output (B, C) each.
+    """
+    probs, target = _plain(probs), _plain(target)
+    b, num_ch = probs.shape[:2]
+    p = probs.float() if probs.dtype in _LOW_PRECISION else probs
+    p = p.reshape(b, num_ch, -1)
+    m = None if mask is None else _plain(mask).reshape(b, -1).to(p.dtype)
+    dense = target.ndim == probs.ndim and target.shape[1] == num_ch and not (num_ch == 1 and not target.is_floating_point())
+    if dense:
+        t = target.reshape(b, num_ch, -1)
+        t = t.to(p.dtype) if (not t.is_floating_point() or t.dtype != p.dtype) else t
+        inter, psum, tsum, _ = _dense_terms(p, t, m, squared, soft_label)
+        return DiceTerms(inter, psum, tsum)
+    labels = target.reshape(b, -1).long()
+    inter, psum, tsum = _label_terms_soft(p, labels, m, squared)
+    return DiceTerms(inter, psum, tsum)
+
+
+def label_terms(
+    pred_labels: torch.Tensor, target_labels: torch.Tensor, num_classes: int, ignore_index: int | None = None
+) -> DiceTerms:
+    """Hard per-class counts from two integer label maps, without one-hot tensors (the metric's core).
+
+    Args:
+        pred_labels: predicted class per voxel (B, *spatial), values in [0, num_classes).
+        target_labels: true class per voxel, same shape; values in [0, num_classes) or ``ignore_index``.
+        num_classes: number of classes C.
+        ignore_index: voxels whose target equals it are left out of all three counts.
+
+    Returns:
+        :class:`DiceTerms` of int64 (B, C) counts: true positives, predicted voxels, true voxels per class.
+    """
+    pred_labels, target_labels = _plain(pred_labels), _plain(target_labels)
+    if pred_labels.shape != target_labels.shape:
+        raise ValueError(
+            f"`pred_labels` and `target_labels` must have the same shape, got {tuple(pred_labels.shape)} "
+            f"and {tuple(target_labels.shape)}."
+        )
+    b = pred_labels.shape[0]
+    p = pred_labels.reshape(b, -1).long()
+    t = target_labels.reshape(b, -1).long()
+    valid = None if ignore_index is None else t != ignore_index
+    if _checks_enabled(t) and t.device.type == "cpu":
+        ok_t = (t >= 0) & (t < num_classes)
+        if valid is not None:
+            ok_t = ok_t | ~valid
+        if not bool(ok_t.all()) or not bool(((p >= 0) & (p < num_classes)).all()):
+            raise ValueError(f"label values must lie in [0, {num_classes}) (or equal `ignore_index`={ignore_index}).")
+    # one extra bin per sample swallows ignored voxels
+    dump = num_classes
+    t_idx = t if valid is None else torch.where(valid, t, torch.full_like(t, dump))
+    p_idx = p if valid is None else torch.where(valid, p, torch.full_like(p, dump))
+    ones = torch.ones_like(t)
+    inter = _count(torch.where(p_idx == t_idx, t_idx, torch.full_like(t_idx, dump)), ones, num_classes)
+    return DiceTerms(inter, _count(p_idx, ones, num_classes), _count(t_idx, ones, num_classes))
+
+
+def _count(idx: torch.Tensor, ones: torch.Tensor, num_classes: int) -> torch.Tensor:
+    out = torch.zeros(idx.shape[0], num_classes + 1, dtype=torch.long, device=idx.device)
+    return out.scatter_add_(1, idx, ones)[:, :num_classes]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# step 3: combine
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _ratio(inter: torch.Tensor, denom_sum: torch.Tensor, smooth_nr: float, smooth_dr: float, jaccard: bool):
+    den = 2.0 * (denom_sum - inter) if jaccard else denom_sum
+    return 1.0 - (2.0 * inter + smooth_nr) / (den + smooth_dr)
+
+
+def dice_from_terms(
+    terms: DiceTerms, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, jaccard: bool = False
+) -> torch.Tensor:
+    """Per-class Dice (or Jaccard) loss ``1 - (2I + smooth_nr) / (P + G + smooth_dr)``, same shape as the terms."""
+    return _ratio(terms.intersection, terms.pred_sum + terms.target_sum, smooth_nr, smooth_dr, jaccard)
+
+
+def gdl_weights(
+    volumes: torch.Tensor,
+    w_type: WType = "square",
+    absent_weight: AbsentWeight = "max",
+    static_weight: torch.Tensor | None = None,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Generalised Dice class weights per sample (last axis = classes), no gradient.
+
+    Order: volume weights (``1/V**2``, ``1/V`` or 1), then the absent-class policy (classes with ``V == 0`` get
+    the largest present weight, zero, or a given raw weight), then -- if no class of the sample is present at
+    all -- uniform weights 1 so false positives are still penalised, then x ``static_weight``, then division by
+    the sum over classes when ``normalize``.
+    """
+    v = volumes.detach().to(torch.float64)
+    present = v > 0
+    safe_v = torch.where(present, v, torch.ones_like(v))
+    if w_type == "square":
+        w = 1.0 / (safe_v * safe_v)
+    elif w_type == "simple":
+        w = 1.0 / safe_v
+    else:
+        w = torch.ones_like(v)
+    if absent_weight == "max":
+        fill = torch.where(present, w, torch.zeros_like(w)).amax(-1, keepdim=True)
+    elif absent_weight == "zero":
+        fill = torch.zeros_like(w[..., :1])
+    else:
+        fill = torch.full_like(w[..., :1], float(absent_weight))
+    w = torch.where(present, w, fill)
+    w = torch.where(present.any(-1, keepdim=True), w, torch.ones_like(w))
+    if static_weight is not None:
+        w = w * static_weight.to(w)
+    if normalize:
+        w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    return w
+
+
+def generalized_dice_from_terms(
+    terms: DiceTerms,
+    volumes: torch.Tensor,
+    *,
+    w_type: WType = "square",
+    absent_weight: AbsentWeight = "max",
+    static_weight: torch.Tensor | None = None,
+    normalize_weights: bool = True,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    jaccard: bool = False,
+) -> torch.Tensor:
+    """Generalised Dice loss ``1 - (2 sum_c w_c I_c + smooth_nr) / (sum_c w_c (P_c + G_c) + smooth_dr)``.
+
+    Args:
+        terms: per-class terms with classes on the last axis, (B, C) or (C,).
+        volumes: true volumes ``sum(g)`` of the same shape (the weights' input).
+
+    Returns:
+        (B,) or a 0-d tensor.
+    """
+    w = gdl_weights(volumes, w_type, absent_weight, static_weight, normalize_weights).to(terms.intersection.dtype)
+    inter = (w * terms.intersection).sum(-1)
+    denom = (w * (terms.pred_sum + terms.target_sum)).sum(-1)
+    return _ratio(inter, denom, smooth_nr, smooth_dr, jaccard)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# step 4: reduction, cross entropy, static weights
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def reduce_loss(f: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``"mean"`` / ``"sum"`` over every element, ``"none"`` returns ``f`` unchanged."""
+    if reduction == "mean":
+        return f.mean()
+    if reduction == "sum":
+        return f.sum()
+    return f
+
+
+def split_weight(
+    weight: torch.Tensor | None, num_classes: int, include_background: bool, keep: tuple[int, ...]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Static weights for the Dice sums (one per kept channel) and for the CE term (one per class).
+
+    Lengths follow MONAI: C (DiceCELoss: CE uses all, Dice drops the first without background) or, without
+    background, C - 1 (DiceLoss: one per non-background class; CE then gives the background weight 1). A scalar
+    applies to every class. Lengths count classes before an in-range ``ignore_index`` channel is dropped.
+    """
+    if weight is None:
+        return None, None
+    if weight.ndim == 0:
+        full = weight.expand(num_classes)
+    elif weight.shape[0] == num_classes:
+        full = weight
+    elif not include_background and num_classes > 1 and weight.shape[0] == num_classes - 1:
+        full = torch.cat([torch.ones_like(weight[:1]), weight])
+    else:
+        expected = f"{num_classes}" + ("" if include_background else f" or {num_classes - 1}")
+        raise ValueError(
+            f"`weight` must have one value per class ({expected} for {num_classes} input channels with "
+            f"include_background={include_background}), got length {weight.shape[0]}."
+        )
+    idx = torch.tensor(keep, dtype=torch.long, device=full.device)
+    return full.index_select(0, idx), full
+
+
+def cross_entropy_term(
+    input: torch.Tensor,
+    prep: Prepared,
+    *,
+    sigmoid: bool,
+    ignore_index: int | None,
+    class_weight: torch.Tensor | None,
+    label_smoothing: float,
+    reduction: str,
+) -> torch.Tensor:
+    """Cross entropy (softmax) or per-channel BCE-with-logits (sigmoid, or one channel) on the logits ``input``.
+
+    Ignored voxels are left out; ``class_weight`` is CE's ``weight`` or BCE's ``pos_weight``.
+    """
+    x = _plain(input)
+    x = x.float() if x.dtype in _LOW_PRECISION else x
+    b, num_ch = x.shape[:2]
+    x = x.reshape(b, num_ch, -1)
+    w = None if class_weight is None else class_weight.to(x)
+    if sigmoid or num_ch == 1:
+        return _bce_term(x, prep, w, reduction)
+    if prep.labels is not None:
+        if prep.mask is None:
+            return F.cross_entropy(x, prep.labels, weight=w, label_smoothing=label_smoothing, reduction=reduction)
+        labels = torch.where(prep.mask > 0, prep.labels, torch.full_like(prep.labels, -100))
+        return F.cross_entropy(
+            x, labels, weight=w, ignore_index=-100, label_smoothing=label_smoothing, reduction=reduction
+        )
+    assert prep.target is not None
+    if prep.mask is None:
+        return F.cross_entropy(x, prep.target, weight=w, label_smoothing=label_smoothing, reduction=reduction)
+    ce = F.cross_entropy(x, prep.target, weight=w, label_smoothing=label_smoothing, reduction="none") * prep.mask
+    return ce.sum() if reduction == "sum" else ce.sum() / prep.mask.sum().clamp_min(1.0)
+
+
+def _bce_term(x: torch.Tensor, prep: Prepared, pos_weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Per-channel BCE-with-logits ``pw*g*softplus(-x) + (1-g)*softplus(x)``; a label map is gathered, not one-hot."""
+    pw = None if pos_weight is None else pos_weight.reshape(-1, 1) if pos_weight.ndim else pos_weight
+    if prep.labels is not None:
+        labels = prep.labels[:, None]
+        x_true = x.gather(1, labels).squeeze(1)
+        pw_true = 1.0 if pw is None else pw.reshape(-1)[prep.labels] if pw.ndim else pw
+        per_voxel = F.softplus(x).sum(1) + pw_true * F.softplus(-x_true) - F.softplus(x_true)
+    else:
+        assert prep.target is not None
+        loss = F.binary_cross_entropy_with_logits(x, prep.target, pos_weight=pw, reduction="none")
+        per_voxel = loss.sum(1)
+    num_ch = x.shape[1]
+    if prep.mask is not None:
+        per_voxel = per_voxel * prep.mask
+        count = prep.mask.sum() * num_ch
+    else:
+        count = per_voxel.numel() * num_ch
+    if reduction == "sum":
+        return per_voxel.sum()
+    return per_voxel.sum() / (count.clamp_min(1.0) if isinstance(count, torch.Tensor) else count)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the two losses as functions
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _prepare_from(input, target, include_background, to_onehot_y, sigmoid, softmax, other_act, soft_label,
+                  ignore_index, validate) -> Prepared:  # fmt: skip
+    return prepare(
+        input,
+        target,
+        include_background=include_background,
+        to_onehot_y=to_onehot_y,
+        sigmoid=sigmoid,
+        softmax=softmax,
+        other_act=other_act,
+        soft_label=soft_label,
+        ignore_index=ignore_index,
+        validate=validate,
+    )
+
+
+def _with_ce(
+    dice: torch.Tensor,
+    input: torch.Tensor,
+    prep: Prepared,
+    *,
+    lambda_dice: float,
+    lambda_ce: float,
+    sigmoid: bool,
+    ignore_index: int | None,
+    ce_weight: torch.Tensor | None,
+    label_smoothing: float,
+    reduction: str,
+) -> torch.Tensor:
+    if lambda_ce == 0:
+        return dice if lambda_dice == 1.0 else lambda_dice * dice
+    ce = cross_entropy_term(
+        input,
+        prep,
+        sigmoid=sigmoid,
+        ignore_index=ignore_index,
+        class_weight=ce_weight,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )
+    return lambda_dice * dice + lambda_ce * ce
+
+
+def dice_plus_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    squared_pred: bool = False,
+    jaccard: bool = False,
+    reduction: Reduction = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    weight: Sequence[float] | float | torch.Tensor | None = None,
+    soft_label: bool = False,
+    ignore_index: int | None = None,
+    lambda_dice: float = 1.0,
+    lambda_ce: float = 0.0,
+    label_smoothing: float = 0.0,
+    validate: bool = False,
+) -> torch.Tensor:
+    """Dice (or Jaccard) loss, optionally plus cross entropy; see :class:`monai_gdl_plus.DicePlusLoss`.
+
+    Returns:
+        a scalar for ``"mean"``/``"sum"``; for ``"none"`` per-class values (B, C') or (C',) with ``batch=True``.
+    """
+    opts = check_args(
+        sigmoid=sigmoid, softmax=softmax, other_act=other_act, reduction=reduction, smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr, lambda_dice=lambda_dice, lambda_ce=lambda_ce, label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+    )  # fmt: skip
+    return _dice_plus_loss(
+        input, target, include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
+        softmax=softmax, other_act=other_act, squared_pred=squared_pred, jaccard=jaccard,
+        reduction=opts["reduction"], smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr), batch=batch,
+        weight=check_weight(weight), soft_label=soft_label, ignore_index=ignore_index, lambda_dice=lambda_dice,
+        lambda_ce=lambda_ce, label_smoothing=label_smoothing, validate=validate,
+    )  # fmt: skip
+
+
+def _dice_plus_loss(input, target, *, include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred,
+                    jaccard, reduction, smooth_nr, smooth_dr, batch, weight, soft_label, ignore_index, lambda_dice,
+                    lambda_ce, label_smoothing, validate) -> torch.Tensor:  # fmt: skip
+    prep = _prepare_from(input, target, include_background, to_onehot_y, sigmoid, softmax, other_act, soft_label,
+                         ignore_index, validate)  # fmt: skip
+    terms, _ = _terms_and_volumes(prep, squared_pred, soft_label)
+    if batch:
+        terms = DiceTerms(*(t.sum(0) for t in terms))
+    f = dice_from_terms(terms, smooth_nr, smooth_dr, jaccard)
+    dice_w, ce_w = split_weight(weight, prep.probs.shape[1], include_background, prep.keep)
+    if dice_w is not None and len(prep.keep) != 1:
+        f = f * dice_w.to(f)
+    dice = reduce_loss(f, reduction)
+    return _with_ce(
+        dice, input, prep, lambda_dice=lambda_dice, lambda_ce=lambda_ce, sigmoid=sigmoid, ignore_index=ignore_index,
+        ce_weight=ce_w, label_smoothing=label_smoothing, reduction=reduction,
+    )  # fmt: skip
+
+
+def generalized_dice_plus_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    w_type: WType = "square",
+    reduction: Reduction = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    soft_label: bool = False,
+    squared_pred: bool = False,
+    jaccard: bool = False,
+    weight: Sequence[float] | float | torch.Tensor | None = None,
+    ignore_index: int | None = None,
+    absent_weight: AbsentWeight = "max",
+    normalize_weights: bool = True,
+    lambda_dice: float = 1.0,
+    lambda_ce: float = 0.0,
+    label_smoothing: float = 0.0,
+    validate: bool = False,
+) -> torch.Tensor:
+    """Generalised Dice loss, optionally plus cross entropy; see :class:`monai_gdl_plus.GeneralizedDicePlusLoss`.
+
+    Returns:
+        a scalar for ``"mean"``/``"sum"``; for ``"none"`` one value per sample (B,), or 0-d with ``batch=True``.
+    """
+    opts = check_args(
+        sigmoid=sigmoid, softmax=softmax, other_act=other_act, reduction=reduction, smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr, lambda_dice=lambda_dice, lambda_ce=lambda_ce, label_smoothing=label_smoothing,
+        ignore_index=ignore_index, w_type=w_type, absent_weight=absent_weight,
+    )  # fmt: skip
+    return _generalized_dice_plus_loss(
+        input, target, include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
+        softmax=softmax, other_act=other_act, w_type=opts["w_type"], reduction=opts["reduction"],
+        smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr), batch=batch, soft_label=soft_label,
+        squared_pred=squared_pred, jaccard=jaccard, weight=check_weight(weight), ignore_index=ignore_index,
+        absent_weight=opts["absent_weight"], normalize_weights=normalize_weights, lambda_dice=lambda_dice,
+        lambda_ce=lambda_ce, label_smoothing=label_smoothing, validate=validate,
+    )  # fmt: skip
+
+
+def _generalized_dice_plus_loss(input, target, *, include_background, to_onehot_y, sigmoid, softmax, other_act,
+                                w_type, reduction, smooth_nr, smooth_dr, batch, soft_label, squared_pred, jaccard,
+                                weight, ignore_index, absent_weight, normalize_weights, lambda_dice, lambda_ce,
+                                label_smoothing, validate) -> torch.Tensor:  # fmt: skip
+    prep = _prepare_from(input, target, include_background, to_onehot_y, sigmoid, softmax, other_act, soft_label,
+                         ignore_index, validate)  # fmt: skip
+    terms, vol = _terms_and_volumes(prep, squared_pred, soft_label)
+    if batch:
+        terms, vol = DiceTerms(*(t.sum(0) for t in terms)), vol.sum(0)
+    dice_w, ce_w = split_weight(weight, prep.probs.shape[1], include_background, prep.keep)
+    f = generalized_dice_from_terms(
+        terms, vol, w_type=w_type, absent_weight=absent_weight, static_weight=dice_w,
+        normalize_weights=normalize_weights, smooth_nr=smooth_nr, smooth_dr=smooth_dr, jaccard=jaccard,
+    )  # fmt: skip
+    dice = reduce_loss(f, reduction)
+    return _with_ce(
+        dice, input, prep, lambda_dice=lambda_dice, lambda_ce=lambda_ce, sigmoid=sigmoid, ignore_index=ignore_index,
+        ce_weight=ce_w, label_smoothing=label_smoothing, reduction=reduction,
+    )  # fmt: skip
