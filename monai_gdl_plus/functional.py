@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from monai.utils import look_up_option
 
+from monai_gdl_plus.fused import fused_label_terms
+
 __all__ = [
     "REDUCTIONS",
     "W_TYPES",
@@ -316,6 +318,26 @@ def prepare(
         ValueError: shapes that do not match, label values outside [0, C) other than ``ignore_index``,
             a non-binary target without ``soft_label``, NaN/Inf in ``input`` with ``validate=True``.
     """
+    input = _plain(input)
+    prep = _prepare_target(
+        input, target, include_background=include_background, to_onehot_y=to_onehot_y, soft_label=soft_label,
+        ignore_index=ignore_index, validate=validate,
+    )  # fmt: skip
+    probs = activate(input, sigmoid, softmax, other_act).reshape(prep.probs.shape)
+    return prep._replace(probs=probs)
+
+
+def _prepare_target(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    include_background: bool,
+    to_onehot_y: bool,
+    soft_label: bool,
+    ignore_index: int | None,
+    validate: bool,
+) -> Prepared:
+    """:func:`prepare` without the activation: ``probs`` holds the (B, C, N) view of the raw ``input``."""
     input, target = _plain(input), _plain(target)
     _check_shapes(input, target)
     if validate and _checks_enabled(input):
@@ -323,10 +345,10 @@ def prepare(
             raise ValueError("`input` contains NaN or Inf values (found by `validate=True`).")
     num_ch = input.shape[1]
     b = input.shape[0]
-    probs = activate(input, sigmoid, softmax, other_act).reshape(b, num_ch, -1)
+    dtype = torch.promote_types(input.dtype, torch.float32)
 
     if to_onehot_y and num_ch == 1:
-        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)
+        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=4)
     label_path = to_onehot_y and num_ch > 1
     if label_path and target.shape[1] != 1:
         raise ValueError(
@@ -345,10 +367,8 @@ def prepare(
         labels, mask = _label_map(target, num_ch, ignore_index, validate)
     else:
         dense = target.reshape(b, num_ch, -1)
-        if not dense.is_floating_point():
-            dense = dense.to(probs.dtype)
-        elif dense.dtype in _LOW_PRECISION:
-            dense = dense.float()
+        if not dense.is_floating_point() or dense.dtype in _LOW_PRECISION:
+            dense = dense.to(dtype)
         mask = _dense_mask(dense, ignore_index)
         if not soft_label and _checks_enabled(dense):
             counted = dense if mask is None else dense * mask[:, None]
@@ -359,12 +379,12 @@ def prepare(
             )
 
     if not include_background and num_ch == 1:
-        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
+        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=4)
     start = 1 if (not include_background and num_ch > 1) else 0
     if mask is not None:
-        mask = mask.to(probs.dtype)
+        mask = mask.to(dtype)
     keep = tuple(c for c in range(start, num_ch) if not (ignore_index is not None and c == ignore_index and num_ch > 1))
-    return Prepared(probs, labels, dense, mask, keep)
+    return Prepared(input.reshape(b, num_ch, -1), labels, dense, mask, keep)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -420,16 +440,14 @@ def _dense_terms(
 
 
 def _terms_and_volumes(prep: Prepared, squared: bool, soft_label: bool) -> tuple[DiceTerms, torch.Tensor]:
+    """Kept-channel terms and true volumes from an activated :class:`Prepared` (plain autograd path)."""
     if prep.labels is not None:
         inter, psum, tsum = _label_terms_soft(prep.probs, prep.labels, prep.mask, squared)
         vol = tsum
     else:
         assert prep.target is not None
         inter, psum, tsum, vol = _dense_terms(prep.probs, prep.target, prep.mask, squared, soft_label)
-    if len(prep.keep) != prep.probs.shape[1]:
-        idx = torch.tensor(prep.keep, device=inter.device, dtype=torch.long)
-        inter, psum, tsum, vol = (t.index_select(1, idx) for t in (inter, psum, tsum, vol))
-    return DiceTerms(inter, psum, tsum), vol
+    return _select(DiceTerms(inter, psum, tsum), vol, prep.keep)
 
 
 def per_class_terms(
@@ -661,17 +679,25 @@ def cross_entropy_term(
     if sigmoid or num_ch == 1:
         return _bce_term(x, prep, w, reduction)
     if prep.labels is not None:
-        if prep.mask is None:
-            return F.cross_entropy(x, prep.labels, weight=w, label_smoothing=label_smoothing, reduction=reduction)
-        labels = torch.where(prep.mask > 0, prep.labels, torch.full_like(prep.labels, -100))
-        return F.cross_entropy(
-            x, labels, weight=w, ignore_index=-100, label_smoothing=label_smoothing, reduction=reduction
-        )
+        labels = prep.labels if prep.mask is None else torch.where(prep.mask > 0, prep.labels, -100)
+        ce = F.cross_entropy(x, labels, weight=w, ignore_index=-100, label_smoothing=label_smoothing, reduction="sum")
+        return ce if reduction == "sum" else ce / _ce_count(prep, w)
     assert prep.target is not None
     if prep.mask is None:
         return F.cross_entropy(x, prep.target, weight=w, label_smoothing=label_smoothing, reduction=reduction)
     ce = F.cross_entropy(x, prep.target, weight=w, label_smoothing=label_smoothing, reduction="none") * prep.mask
     return ce.sum() if reduction == "sum" else ce.sum() / prep.mask.sum().clamp_min(1.0)
+
+
+def _ce_count(prep: Prepared, weight: torch.Tensor | None) -> torch.Tensor | int:
+    """Denominator of a mean CE over a label map: the summed class weights of the counted voxels (as torch)."""
+    assert prep.labels is not None
+    if weight is None and prep.mask is None:
+        return prep.labels.numel()
+    wt = prep.mask if weight is None else weight.to(prep.probs.dtype)[prep.labels]
+    if weight is not None and prep.mask is not None:
+        wt = wt * prep.mask
+    return wt.sum().clamp_min(torch.finfo(wt.dtype).tiny)
 
 
 def _bce_term(x: torch.Tensor, prep: Prepared, pos_weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
@@ -702,46 +728,61 @@ def _bce_term(x: torch.Tensor, prep: Prepared, pos_weight: torch.Tensor | None, 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _prepare_from(input, target, include_background, to_onehot_y, sigmoid, softmax, other_act, soft_label,
-                  ignore_index, validate) -> Prepared:  # fmt: skip
-    return prepare(
-        input,
-        target,
-        include_background=include_background,
-        to_onehot_y=to_onehot_y,
-        sigmoid=sigmoid,
-        softmax=softmax,
-        other_act=other_act,
-        soft_label=soft_label,
-        ignore_index=ignore_index,
-        validate=validate,
-    )
+def _loss_parts(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, o: dict
+) -> tuple[DiceTerms, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Kept-channel terms, true volumes, static Dice weights and the CE value (None without ``lambda_ce``).
+
+    A label map with a softmax or sigmoid takes the fused one-hot-free path (:mod:`monai_gdl_plus.fused`, analytic
+    in-place backward); everything else, and any ``torch.compile`` trace, the plain autograd path.
+    """
+    x = _plain(input)
+    prep = _prepare_target(
+        x, target, include_background=o["include_background"], to_onehot_y=o["to_onehot_y"],
+        soft_label=o["soft_label"], ignore_index=o["ignore_index"], validate=o["validate"],
+    )  # fmt: skip
+    num_ch = x.shape[1]
+    dice_w, ce_w = split_weight(weight, num_ch, o["include_background"], prep.keep)
+    softmax = o["softmax"] and num_ch > 1
+    if o["softmax"] and num_ch == 1:
+        warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
+    want_ce = o["lambda_ce"] > 0
+    ce = None
+    if prep.labels is not None and (softmax or o["sigmoid"]) and not torch.compiler.is_compiling():
+        fuse_ce = want_ce and softmax and o["label_smoothing"] == 0
+        ce_wx = None if ce_w is None else ce_w.to(device=x.device, dtype=prep.probs.dtype)
+        inter, psum, nll = fused_label_terms(
+            prep.probs, prep.labels, prep.mask, softmax=softmax, squared=o["squared_pred"], ce_weight=ce_wx,
+            with_ce=fuse_ce,
+        )  # fmt: skip
+        counted = prep.mask if prep.mask is not None else torch.ones_like(prep.labels, dtype=inter.dtype)
+        tsum = _scatter_sum(counted, prep.labels, num_ch, inter.dtype)
+        if fuse_ce:
+            ce = nll if o["reduction"] == "sum" else nll / _ce_count(prep, ce_wx)
+        terms, vol = _select(DiceTerms(inter, psum, tsum), tsum, prep.keep)
+    else:
+        probs = activate(x, o["sigmoid"], softmax, o["other_act"])
+        prep = prep._replace(probs=probs.reshape(prep.probs.shape))
+        terms, vol = _terms_and_volumes(prep, o["squared_pred"], o["soft_label"])
+    if want_ce and ce is None:
+        ce = cross_entropy_term(
+            x, prep, sigmoid=o["sigmoid"], ignore_index=o["ignore_index"], class_weight=ce_w,
+            label_smoothing=o["label_smoothing"], reduction=o["reduction"],
+        )  # fmt: skip
+    return terms, vol, dice_w, ce
 
 
-def _with_ce(
-    dice: torch.Tensor,
-    input: torch.Tensor,
-    prep: Prepared,
-    *,
-    lambda_dice: float,
-    lambda_ce: float,
-    sigmoid: bool,
-    ignore_index: int | None,
-    ce_weight: torch.Tensor | None,
-    label_smoothing: float,
-    reduction: str,
-) -> torch.Tensor:
-    if lambda_ce == 0:
+def _select(terms: DiceTerms, vol: torch.Tensor, keep: tuple[int, ...]) -> tuple[DiceTerms, torch.Tensor]:
+    """Keep the channels in ``keep`` (classes on axis 1)."""
+    if len(keep) == terms.intersection.shape[1]:
+        return terms, vol
+    idx = torch.tensor(keep, device=vol.device, dtype=torch.long)
+    return DiceTerms(*(t.index_select(1, idx) for t in terms)), vol.index_select(1, idx)
+
+
+def _combine(dice: torch.Tensor, ce: torch.Tensor | None, lambda_dice: float, lambda_ce: float) -> torch.Tensor:
+    if ce is None:
         return dice if lambda_dice == 1.0 else lambda_dice * dice
-    ce = cross_entropy_term(
-        input,
-        prep,
-        sigmoid=sigmoid,
-        ignore_index=ignore_index,
-        class_weight=ce_weight,
-        label_smoothing=label_smoothing,
-        reduction=reduction,
-    )
     return lambda_dice * dice + lambda_ce * ce
 
 
@@ -787,23 +828,14 @@ def dice_plus_loss(
     )  # fmt: skip
 
 
-def _dice_plus_loss(input, target, *, include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred,
-                    jaccard, reduction, smooth_nr, smooth_dr, batch, weight, soft_label, ignore_index, lambda_dice,
-                    lambda_ce, label_smoothing, validate) -> torch.Tensor:  # fmt: skip
-    prep = _prepare_from(input, target, include_background, to_onehot_y, sigmoid, softmax, other_act, soft_label,
-                         ignore_index, validate)  # fmt: skip
-    terms, _ = _terms_and_volumes(prep, squared_pred, soft_label)
-    if batch:
+def _dice_plus_loss(input: torch.Tensor, target: torch.Tensor, *, weight: torch.Tensor | None, **o) -> torch.Tensor:
+    terms, _, dice_w, ce = _loss_parts(input, target, weight, o)
+    if o["batch"]:
         terms = DiceTerms(*(t.sum(0) for t in terms))
-    f = dice_from_terms(terms, smooth_nr, smooth_dr, jaccard)
-    dice_w, ce_w = split_weight(weight, prep.probs.shape[1], include_background, prep.keep)
-    if dice_w is not None and len(prep.keep) != 1:
+    f = dice_from_terms(terms, o["smooth_nr"], o["smooth_dr"], o["jaccard"])
+    if dice_w is not None and f.shape[-1] != 1:  # as MONAI: no class weight with a single kept class
         f = f * dice_w.to(f)
-    dice = reduce_loss(f, reduction)
-    return _with_ce(
-        dice, input, prep, lambda_dice=lambda_dice, lambda_ce=lambda_ce, sigmoid=sigmoid, ignore_index=ignore_index,
-        ce_weight=ce_w, label_smoothing=label_smoothing, reduction=reduction,
-    )  # fmt: skip
+    return _combine(reduce_loss(f, o["reduction"]), ce, o["lambda_dice"], o["lambda_ce"])
 
 
 def generalized_dice_plus_loss(
@@ -852,22 +884,15 @@ def generalized_dice_plus_loss(
     )  # fmt: skip
 
 
-def _generalized_dice_plus_loss(input, target, *, include_background, to_onehot_y, sigmoid, softmax, other_act,
-                                w_type, reduction, smooth_nr, smooth_dr, batch, soft_label, squared_pred, jaccard,
-                                weight, ignore_index, absent_weight, normalize_weights, lambda_dice, lambda_ce,
-                                label_smoothing, validate) -> torch.Tensor:  # fmt: skip
-    prep = _prepare_from(input, target, include_background, to_onehot_y, sigmoid, softmax, other_act, soft_label,
-                         ignore_index, validate)  # fmt: skip
-    terms, vol = _terms_and_volumes(prep, squared_pred, soft_label)
-    if batch:
+def _generalized_dice_plus_loss(
+    input: torch.Tensor, target: torch.Tensor, *, weight: torch.Tensor | None, **o
+) -> torch.Tensor:
+    terms, vol, dice_w, ce = _loss_parts(input, target, weight, o)
+    if o["batch"]:
         terms, vol = DiceTerms(*(t.sum(0) for t in terms)), vol.sum(0)
-    dice_w, ce_w = split_weight(weight, prep.probs.shape[1], include_background, prep.keep)
     f = generalized_dice_from_terms(
-        terms, vol, w_type=w_type, absent_weight=absent_weight, static_weight=dice_w,
-        normalize_weights=normalize_weights, smooth_nr=smooth_nr, smooth_dr=smooth_dr, jaccard=jaccard,
+        terms, vol, w_type=o["w_type"], absent_weight=o["absent_weight"], static_weight=dice_w,
+        normalize_weights=o["normalize_weights"], smooth_nr=o["smooth_nr"], smooth_dr=o["smooth_dr"],
+        jaccard=o["jaccard"],
     )  # fmt: skip
-    dice = reduce_loss(f, reduction)
-    return _with_ce(
-        dice, input, prep, lambda_dice=lambda_dice, lambda_ce=lambda_ce, sigmoid=sigmoid, ignore_index=ignore_index,
-        ce_weight=ce_w, label_smoothing=label_smoothing, reduction=reduction,
-    )  # fmt: skip
+    return _combine(reduce_loss(f, o["reduction"]), ce, o["lambda_dice"], o["lambda_ce"])

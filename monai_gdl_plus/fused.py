@@ -1,0 +1,167 @@
+"""One-hot-free per-class terms for label-map targets with an analytic, in-place backward.
+
+:func:`fused_label_terms` computes, from logits ``x`` (B, C, N) and integer labels (B, N):
+
+- ``I[b, c] = sum_n m[b, n] p[b, c, n] [labels[b, n] == c]``  (intersection),
+- ``P[b, c] = sum_n m[b, n] p[b, c, n]`` (or ``p**2``),
+- optionally ``nll = sum_n m[b, n] w[labels] (-log p[b, labels, n])`` (softmax cross entropy, summed),
+
+with ``p = softmax(x)`` or ``sigmoid(x)`` and ``m`` the ignore mask. The Dice/GDL combination stays in ordinary
+autograd on the (B, C) terms; only the per-voxel part is hand-written. Memory: the forward keeps the activation
+(1x the logits' bytes) and the backward overwrites it with the gradient, so forward+backward peaks near 1x the
+logits above the inputs (MONAI: 3x; its softmax, float one-hot and their product). The backward works chunk by
+chunk over voxels so its temporaries stay small.
+
+A second backward through the same graph (``retain_graph=True``, ``gradcheck``) recomputes the activation from
+the saved logits; double backward (``create_graph=True``) is not supported (``once_differentiable``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["fused_label_terms"]
+
+_CHUNK_ELEMENTS = {"cpu": 1 << 18}  # temporaries per chunk; accelerators take one big chunk
+_DEFAULT_CHUNK = 1 << 26
+
+
+def _activate(x: torch.Tensor, softmax: bool, dtype: torch.dtype) -> torch.Tensor:
+    return torch.softmax(x, 1, dtype=dtype) if softmax else torch.sigmoid(x.to(dtype))
+
+
+def _true_class_log_prob(x: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, true_p: torch.Tensor):
+    """``log p[labels]`` without underflow: ``x_t - x_a + log p_a`` with ``a`` the most likely class (p_a >= 1/C)."""
+    p_max, arg = p.max(1, keepdim=True)
+    x_t = x.gather(1, labels[:, None]).to(p.dtype)
+    x_a = x.gather(1, arg).to(p.dtype)
+    return (x_t - x_a + torch.log(p_max)).squeeze(1)
+
+
+class _FusedLabelTerms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, labels, mask, ce_weight, softmax: bool, squared: bool, with_ce: bool):  # noqa: D102
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        b, c = x.shape[:2]
+        p = _activate(x, softmax, dtype)
+        true_p = p.gather(1, labels[:, None]).squeeze(1)
+        w_true_p = true_p if mask is None else true_p * mask
+        # float64 accumulation: scatter_add sums sequentially, float32 would drift on large volumes
+        inter = torch.zeros(b, c, dtype=torch.float64, device=x.device)
+        inter = inter.scatter_add_(1, labels, w_true_p.to(torch.float64)).to(dtype)
+        q = p * p if squared else p
+        psum = q.sum(-1) if mask is None else torch.bmm(q, mask[:, :, None]).squeeze(-1)
+        del q
+        nll = torch.zeros((), dtype=dtype, device=x.device)
+        if with_ce:
+            logp_t = _true_class_log_prob(x, p, labels, true_p)
+            wv = mask if ce_weight is None else ce_weight[labels] * (1.0 if mask is None else mask)
+            nll = -(logp_t * wv).sum() if wv is not None else -logp_t.sum()
+        ctx.save_for_backward(x, labels, mask, ce_weight, true_p)
+        # kept off save_for_backward: the backward overwrites it, and must drop it so autograd can take the
+        # buffer as the gradient without a copy
+        ctx.p = p
+        ctx.flags = (softmax, squared, with_ce)
+        return inter, psum, nll
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_inter, g_psum, g_nll):  # noqa: D102
+        x, labels, mask, ce_weight, true_p = ctx.saved_tensors
+        softmax, squared, with_ce = ctx.flags
+        p, ctx.p = ctx.p, None
+        if p is None:  # a second backward: the first one turned the saved activation into its gradient
+            p = _activate(x, softmax, true_p.dtype)
+        grad = _backward_in_place(
+            p, labels, mask, ce_weight, true_p, g_inter, g_psum, g_nll, softmax, squared, with_ce
+        )
+        return grad.to(x.dtype), None, None, None, None, None, None
+
+
+def _zeros_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
+def _backward_in_place(p, labels, mask, ce_weight, true_p, g_inter, g_psum, g_nll, softmax, squared, with_ce):
+    """Overwrite ``p`` with dL/dx.
+
+    With ``q[c, n] = dL/dp[c, n] = m_n (gP_c h(p) + gI_c [c == t_n])`` (``h = 1``, or ``2p`` when squared) and the
+    CE part ``g_nll m_n w_t (p_c - [c == t_n])``, the softmax gradient is
+    ``p_c (q_c - sum_k p_k q_k) + CE part``; the sigmoid gradient is ``p (1 - p) q``.
+    """
+    b, c, n = p.shape
+    g_psum = _zeros_if_none(g_psum, p[:, :, 0]).to(p.dtype)
+    g_inter = _zeros_if_none(g_inter, p[:, :, 0]).to(p.dtype)
+    gi_t = g_inter.gather(1, labels)  # (B, N): gI at the true class
+    m = mask
+    # per-voxel terms
+    if softmax:
+        if squared:
+            s = None  # needs p**2, done per chunk
+        else:
+            s = torch.bmm(g_psum[:, None, :], p).squeeze(1)  # sum_k gP_k p_k
+        ce_v = None
+        if with_ce and g_nll is not None:
+            ce_v = g_nll.to(p.dtype) * (torch.ones_like(true_p) if ce_weight is None else ce_weight[labels].to(p.dtype))
+            if m is not None:
+                ce_v = ce_v * m
+    step = max(1, _CHUNK_ELEMENTS.get(p.device.type, _DEFAULT_CHUNK) // max(1, b * c))
+    beta = g_psum[:, :, None]
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        pc = p[:, :, lo:hi]
+        mc = None if m is None else m[:, None, lo:hi]
+        if softmax:
+            if squared:
+                hq = pc * (2.0 * beta)  # gP_c h(p_c)
+                s_c = (hq * pc).sum(1, keepdim=True) + (gi_t[:, None, lo:hi] * true_p[:, None, lo:hi])
+            else:
+                hq = beta
+                s_c = s[:, None, lo:hi] + gi_t[:, None, lo:hi] * true_p[:, None, lo:hi]
+            factor = hq - s_c
+            if mc is not None:
+                factor = factor * mc
+            if ce_v is not None:
+                factor = factor + ce_v[:, None, lo:hi]
+            pc.mul_(factor)
+        else:
+            hq = pc * (2.0 * beta) if squared else beta
+            factor = (1.0 - pc) * hq
+            if mc is not None:
+                factor = factor * mc
+            pc.mul_(factor)
+    # true-class corrections: + m gI_t p_t (softmax) or + m gI_t p_t (1 - p_t) (sigmoid); CE: - g_nll m w_t
+    corr = gi_t * true_p * (1.0 - true_p) if not softmax else gi_t * true_p
+    if m is not None:
+        corr = corr * m
+    if softmax and with_ce and g_nll is not None:
+        corr = corr - ce_v
+    p.scatter_add_(1, labels[:, None], corr[:, None].to(p.dtype))
+    return p
+
+
+def fused_label_terms(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    softmax: bool,
+    squared: bool = False,
+    ce_weight: torch.Tensor | None = None,
+    with_ce: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Intersection (B, C), prediction sum (B, C) and summed softmax NLL (0-d; 0 unless ``with_ce``).
+
+    Args:
+        x: logits (B, C, N), any float dtype (sums in float32 or float64).
+        labels: (B, N) int64 in [0, C) (ignored voxels already mapped into range and masked out).
+        mask: (B, N) float mask or None.
+        softmax: softmax over channels if True, else an element-wise sigmoid.
+        squared: prediction sum of ``p**2``.
+        ce_weight: per-class CE weights (C,) or None.
+        with_ce: also return the summed, masked, weighted NLL (softmax only).
+    """
+    if with_ce and not softmax:
+        raise ValueError("`with_ce=True` needs `softmax=True` in fused_label_terms.")
+    return _FusedLabelTerms.apply(x, labels, mask, ce_weight, softmax, squared, with_ce)

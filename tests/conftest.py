@@ -1,0 +1,59 @@
+"""Shared fixtures: seeded random logits and label maps in 2-D and 3-D, and a parity recorder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _make_case(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float64, absent: bool = True):
+    """Logits (B, C, *S) with ``requires_grad`` and an int64 label map (B, 1, *S).
+
+    With ``absent`` and B > 1, the last class is missing from the last sample (exercises the absent-class rules).
+    """
+    g = torch.Generator().manual_seed(seed)
+    b, c = shape[:2]
+    logits = (2.0 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, c, (b, 1, *shape[2:]), generator=g)
+    if absent and b > 1 and c > 2:
+        labels[-1][labels[-1] == c - 1] = 0
+    return logits, labels
+
+
+@pytest.fixture
+def make_case():
+    """Factory ``make_case(shape, seed=0, dtype=torch.float64, absent=True) -> (logits, labels)``."""
+    return _make_case
+
+
+@pytest.fixture(params=[(2, 4, 6, 6, 6), (2, 3, 8, 8)], ids=["3d", "2d"])
+def case(request):
+    """Seeded float64 logits and labels, 3-D (2, 4, 6, 6, 6) and 2-D (2, 3, 8, 8)."""
+    return _make_case(request.param)
+
+
+class ParityRecord:
+    """Largest value and gradient deviation from MONAI seen in this session, per comparison family."""
+
+    def __init__(self) -> None:
+        self.cases: dict[str, int] = {}
+        self.value: dict[str, float] = {}
+        self.grad: dict[str, float] = {}
+
+    def add(self, family: str, value_dev: float, grad_dev: float) -> None:
+        self.cases[family] = self.cases.get(family, 0) + 1
+        self.value[family] = max(self.value.get(family, 0.0), value_dev)
+        self.grad[family] = max(self.grad.get(family, 0.0), grad_dev)
+
+
+@pytest.fixture(scope="session")
+def parity_record():
+    """Collects deviations from MONAI; prints a summary at the end of the session (visible with ``-s``)."""
+    record = ParityRecord()
+    yield record
+    if record.cases:
+        print("\nParity with MONAI (cases, max |value diff|, max |grad diff|):")
+        for fam, n in sorted(record.cases.items()):
+            print(f"  {fam:<28} {n:5d}  {record.value[fam]:.3e}  {record.grad[fam]:.3e}")
+        total = sum(record.cases.values())
+        print(f"  {'all':<28} {total:5d}  {max(record.value.values()):.3e}  {max(record.grad.values()):.3e}")

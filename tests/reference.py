@@ -1,0 +1,324 @@
+"""A slow, obvious reference for the Dice-family losses, written from the papers' formulas.
+
+Nothing here is shared with :mod:`monai_gdl_plus`: Python loops over samples and classes, a dense one-hot built by
+plain indexing, and each rule of ``DESIGN.md`` spelled out where it applies. The losses are compared with it.
+
+Formulas (``I = sum(p g)``, ``P = sum(p)`` or ``sum(p**2)``, ``G = sum(g)`` or ``sum(g**2)``, ``D = P + G``):
+
+- Dice (Milletari et al. 2016, V-Net; squared denominator with ``squared_pred``): ``1 - (2I + s_nr) / (D + s_dr)``.
+- Jaccard (MONAI 1.6.1 form): ``1 - (2I + s_nr) / (2(D - I) + s_dr)``.
+- Generalised Dice (Sudre et al. 2017): the same with ``I`` and ``D`` replaced by ``sum_c w_c I_c`` and
+  ``sum_c w_c D_c``, ``w_c = 1/V_c**2`` ("square"), ``1/V_c`` ("simple") or 1 ("uniform"), ``V_c = sum(g_c)``.
+
+Everything is plain differentiable torch, so gradients can be compared as well as values.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = [
+    "one_hot",
+    "activate",
+    "prepare",
+    "terms",
+    "label_counts",
+    "gdl_weights",
+    "cross_entropy",
+    "dice_loss",
+    "generalized_dice_loss",
+]
+
+
+def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Dense one-hot (B, C, *S) of a label map (B, *S) by plain indexing; labels outside [0, C) give all-zero rows."""
+    out = torch.zeros((labels.shape[0], num_classes, *labels.shape[1:]), dtype=dtype, device=labels.device)
+    for c in range(num_classes):
+        out[:, c][labels == c] = 1.0
+    return out
+
+
+def activate(x: torch.Tensor, sigmoid: bool, softmax: bool, other_act: Callable | None) -> torch.Tensor:
+    """Activation along channels; softmax of one channel is skipped with a warning (as MONAI does)."""
+    x = x.double() if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x
+    if sigmoid:
+        return 1.0 / (1.0 + torch.exp(-x))
+    if softmax:
+        if x.shape[1] == 1:
+            warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=2)
+            return x
+        e = torch.exp(x - x.amax(1, keepdim=True))
+        return e / e.sum(1, keepdim=True)
+    if other_act is not None:
+        return other_act(x)
+    return x
+
+
+def prepare(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    include_background: bool,
+    to_onehot_y: bool,
+    sigmoid: bool,
+    softmax: bool,
+    other_act: Callable | None,
+    ignore_index: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], torch.Tensor | None]:
+    """Masked probabilities and target (B, C, N) in float64, the voxel mask (B, N), the kept channels, the labels.
+
+    Ignored voxels: label-map target == ignore_index; a one-channel dense target == ignore_index; a one-hot target
+    with ignore_index in [0, C): voxels of that class; outside: voxels whose one-hot row is all zero (MONAI's rules).
+    Kept channels: background dropped without ``include_background``; an in-range ``ignore_index`` channel dropped.
+    """
+    b, c = input.shape[:2]
+    p = activate(input, sigmoid, softmax, other_act).reshape(b, c, -1)
+    labels = None
+    if to_onehot_y and c > 1:
+        labels = target.reshape(b, -1).long()
+        g = one_hot(labels, c)
+        mask = torch.ones(b, labels.shape[1], dtype=torch.float64)
+        if ignore_index is not None:
+            mask[labels == ignore_index] = 0.0
+    else:
+        g = target.reshape(b, c, -1).double()
+        mask = torch.ones(b, g.shape[2], dtype=torch.float64)
+        if ignore_index is not None:
+            if c == 1:
+                mask[g[:, 0] == ignore_index] = 0.0
+            elif 0 <= ignore_index < c:
+                mask[g[:, ignore_index] > 0] = 0.0
+            else:
+                mask[g.sum(1) == 0] = 0.0
+    p = p * mask[:, None]
+    g = g * mask[:, None]
+    start = 1 if (not include_background and c > 1) else 0
+    keep = [k for k in range(start, c) if not (ignore_index is not None and c > 1 and k == ignore_index)]
+    return p, g, mask, keep, labels
+
+
+def terms(p: torch.Tensor, g: torch.Tensor, squared: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-(sample, class) I, P, G of (B, C, N) tensors with a Python loop over both axes; returns (B, C) each."""
+    b, c = p.shape[:2]
+    inter = torch.zeros(b, c, dtype=p.dtype)
+    psum = torch.zeros(b, c, dtype=p.dtype)
+    gsum = torch.zeros(b, c, dtype=p.dtype)
+    for i in range(b):
+        for k in range(c):
+            pk, gk = p[i, k], g[i, k].to(p.dtype)
+            inter[i, k] = (pk * gk).sum()
+            psum[i, k] = (pk * pk).sum() if squared else pk.sum()
+            gsum[i, k] = (gk * gk).sum() if squared else gk.sum()
+    return inter, psum, gsum
+
+
+def label_counts(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hard counts (TP, predicted, true) per (sample, class) from two label maps, ignored target voxels left out."""
+    b = pred.shape[0]
+    p, t = pred.reshape(b, -1), target.reshape(b, -1)
+    tp = torch.zeros(b, num_classes, dtype=torch.long)
+    np_ = torch.zeros(b, num_classes, dtype=torch.long)
+    nt = torch.zeros(b, num_classes, dtype=torch.long)
+    for i in range(b):
+        for n in range(p.shape[1]):
+            ti, pi = int(t[i, n]), int(p[i, n])
+            if ignore_index is not None and ti == ignore_index:
+                continue
+            np_[i, pi] += 1
+            nt[i, ti] += 1
+            tp[i, ti] += int(pi == ti)
+    return tp, np_, nt
+
+
+def _ratio(inter, denom, smooth_nr: float, smooth_dr: float, jaccard: bool):
+    if jaccard:
+        return 1.0 - (2.0 * inter + smooth_nr) / (2.0 * (denom - inter) + smooth_dr)
+    return 1.0 - (2.0 * inter + smooth_nr) / (denom + smooth_dr)
+
+
+def _full_weight(weight, num_classes: int, include_background: bool) -> torch.Tensor | None:
+    """Static weights, one per class: a scalar for all; length C as given; length C-1 (no background) gets 1 first."""
+    if weight is None:
+        return None
+    w = torch.as_tensor(weight, dtype=torch.float64)
+    if w.ndim == 0:
+        return w.repeat(num_classes)
+    if w.shape[0] == num_classes:
+        return w
+    if not include_background and w.shape[0] == num_classes - 1:
+        return torch.cat([torch.ones(1, dtype=torch.float64), w])
+    raise ValueError(f"bad weight length {w.shape[0]} for {num_classes} classes")
+
+
+def gdl_weights(
+    volumes: Sequence[float],
+    w_type: str = "square",
+    absent_weight: str | float = "max",
+    static: Sequence[float] | None = None,
+    normalize: bool = True,
+) -> list[float]:
+    """Generalised Dice weights of one sample (or of the batch), as Python floats, rule by rule.
+
+    1. volume weights of present classes; 2. absent classes: max of present / 0 / the given raw weight;
+    3. if no class is present: every weight 1; 4. times the static weights; 5. divided by their sum if normalize.
+    """
+    vols = [float(v) for v in volumes]
+    present = [v > 0 for v in vols]
+
+    def vw(v: float) -> float:
+        return {"square": 1.0 / (v * v), "simple": 1.0 / v, "uniform": 1.0}[w_type] if v > 0 else 0.0
+
+    w = [vw(v) for v in vols]
+    if any(present):
+        if absent_weight == "max":
+            fill = max(wi for wi, pr in zip(w, present) if pr)
+        elif absent_weight == "zero":
+            fill = 0.0
+        else:
+            fill = float(absent_weight)
+        w = [wi if pr else fill for wi, pr in zip(w, present)]
+    else:
+        w = [1.0] * len(w)
+    if static is not None:
+        w = [wi * float(s) for wi, s in zip(w, static)]
+    if normalize:
+        total = sum(w)
+        w = [wi / total for wi in w] if total > 0 else w
+    return w
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    g: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    sigmoid: bool,
+    class_weight: torch.Tensor | None,
+) -> torch.Tensor:
+    """Mean cross entropy over the voxels that count (``mask``), in float64, one class at a time.
+
+    Softmax CE (C > 1, no sigmoid): per voxel ``-sum_c w_c g_c log p_c``; for a label map the mean is weighted by
+    ``w_y`` (PyTorch's weighted mean), for a one-hot target it is over voxels. BCE (sigmoid or C = 1): per channel
+    ``-(pw_c g log s(x) + (1 - g) log(1 - s(x)))``, averaged over voxels x channels.
+    """
+    b, c = input.shape[:2]
+    x = input.double().reshape(b, c, -1)
+    w = torch.ones(c, dtype=torch.float64) if class_weight is None else class_weight
+    total = torch.zeros((), dtype=torch.float64)
+    if sigmoid or c == 1:
+        for k in range(c):
+            s = torch.sigmoid(x[:, k])
+            per_voxel = -(w[k] * g[:, k] * torch.log(s) + (1 - g[:, k]) * torch.log(1 - s))
+            total = total + (per_voxel * mask).sum()
+        return total / (mask.sum() * c).clamp_min(1.0)
+    logp = x - torch.logsumexp(x, 1, keepdim=True)
+    count = torch.zeros((), dtype=torch.float64)
+    for k in range(c):
+        total = total - (w[k] * g[:, k] * logp[:, k] * mask).sum()
+        count = count + w[k] * (g[:, k] * mask).sum()
+    if labels is None:
+        count = mask.sum()
+    return total / count
+
+
+def _reduce(f: torch.Tensor, reduction: str) -> torch.Tensor:
+    return {"mean": f.mean, "sum": f.sum, "none": lambda: f}[reduction]()
+
+
+def dice_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    squared_pred: bool = False,
+    jaccard: bool = False,
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    weight=None,
+    ignore_index: int | None = None,
+    lambda_dice: float = 1.0,
+    lambda_ce: float = 0.0,
+) -> torch.Tensor:
+    """Reference Dice (+ CE). ``reduction="none"`` gives (B, C') or (C',) with ``batch``."""
+    c = input.shape[1]
+    p, g, mask, keep, labels = prepare(
+        input, target, include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
+        softmax=softmax, other_act=other_act, ignore_index=ignore_index,
+    )  # fmt: skip
+    inter, psum, gsum = terms(p, g, squared_pred)
+    if batch:
+        inter, psum, gsum = inter.sum(0, keepdim=True), psum.sum(0, keepdim=True), gsum.sum(0, keepdim=True)
+    full_w = _full_weight(weight, c, include_background)
+    f = torch.zeros(inter.shape[0], len(keep), dtype=torch.float64)
+    for i in range(inter.shape[0]):
+        for j, k in enumerate(keep):
+            f[i, j] = _ratio(inter[i, k], psum[i, k] + gsum[i, k], smooth_nr, smooth_dr, jaccard)
+            if full_w is not None and len(keep) != 1:
+                f[i, j] = f[i, j] * full_w[k]
+    if batch:
+        f = f[0]
+    out = lambda_dice * _reduce(f, reduction)
+    if lambda_ce:
+        out = out + lambda_ce * cross_entropy(input, g, mask, labels, sigmoid=sigmoid, class_weight=full_w)
+    return out
+
+
+def generalized_dice_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    w_type: str = "square",
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    squared_pred: bool = False,
+    jaccard: bool = False,
+    weight=None,
+    ignore_index: int | None = None,
+    absent_weight: str | float = "max",
+    normalize_weights: bool = True,
+    lambda_dice: float = 1.0,
+    lambda_ce: float = 0.0,
+) -> torch.Tensor:
+    """Reference Generalised Dice (+ CE). ``reduction="none"`` gives (B,) or a 0-d tensor with ``batch``."""
+    c = input.shape[1]
+    p, g, mask, keep, labels = prepare(
+        input, target, include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
+        softmax=softmax, other_act=other_act, ignore_index=ignore_index,
+    )  # fmt: skip
+    inter, psum, gsum = terms(p, g, squared_pred)
+    _, _, vol = terms(p, g, False)  # weights always use the linear volume sum(g)
+    if batch:
+        inter, psum, gsum, vol = (t.sum(0, keepdim=True) for t in (inter, psum, gsum, vol))
+    full_w = _full_weight(weight, c, include_background)
+    static = None if full_w is None else [float(full_w[k]) for k in keep]
+    f = torch.zeros(inter.shape[0], dtype=torch.float64)
+    for i in range(inter.shape[0]):
+        w = gdl_weights([vol[i, k] for k in keep], w_type, absent_weight, static, normalize_weights)
+        num = sum(w[j] * inter[i, k] for j, k in enumerate(keep))
+        den = sum(w[j] * (psum[i, k] + gsum[i, k]) for j, k in enumerate(keep))
+        f[i] = _ratio(num, den, smooth_nr, smooth_dr, jaccard)
+    if batch:
+        f = f[0]
+    out = lambda_dice * _reduce(f, reduction)
+    if lambda_ce:
+        out = out + lambda_ce * cross_entropy(input, g, mask, labels, sigmoid=sigmoid, class_weight=full_w)
+    return out
