@@ -261,15 +261,19 @@ def _label_map(
         t = t.long()
     valid = None if ignore_index is None else t != ignore_index
     if _checks_enabled(t):
-        in_range = (t >= 0) & (t < num_classes)
-        ok = in_range if valid is None else in_range | ~valid
+        if valid is None:  # one pass, no full-size temporaries
+            lo, hi = torch.aminmax(t)
+            ok = (lo >= 0) & (hi < num_classes)
+        else:
+            ok = ((t >= 0) & (t < num_classes)) | ~valid
         msg = (
             f"`target` label values must lie in [0, {num_classes}) (the number of channels of `input`)"
             + ("" if ignore_index is None else f" or equal `ignore_index`={ignore_index}")
         )
         if t.device.type == "cpu" or validate:
             if not bool(ok.all()):
-                bad = torch.unique(t[~ok])[:8].tolist()
+                bad_values = ((t < 0) | (t >= num_classes)) & (True if valid is None else valid)
+                bad = torch.unique(t[bad_values])[:8].tolist()
                 raise ValueError(f"{msg}, got {bad}.")
         else:
             _value_check(ok.all(), msg + ".", validate)

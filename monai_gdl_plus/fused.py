@@ -27,16 +27,51 @@ _CHUNK_ELEMENTS = {"cpu": 1 << 18}  # temporaries per chunk; accelerators take o
 _DEFAULT_CHUNK = 1 << 26
 
 
-def _activate(x: torch.Tensor, softmax: bool, dtype: torch.dtype) -> torch.Tensor:
-    return torch.softmax(x, 1, dtype=dtype) if softmax else torch.sigmoid(x.to(dtype))
+def _step(p: torch.Tensor) -> int:
+    """Voxels per chunk: small temporaries on CPU (cache-sized), one chunk on accelerators."""
+    b, c = p.shape[:2]
+    return max(1, _CHUNK_ELEMENTS.get(p.device.type, _DEFAULT_CHUNK) // max(1, b * c))
 
 
-def _true_class_log_prob(x: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, true_p: torch.Tensor):
-    """``log p[labels]`` without underflow: ``x_t - x_a + log p_a`` with ``a`` the most likely class (p_a >= 1/C)."""
-    p_max, arg = p.max(1, keepdim=True)
-    x_t = x.gather(1, labels[:, None]).to(p.dtype)
-    x_a = x.gather(1, arg).to(p.dtype)
-    return (x_t - x_a + torch.log(p_max)).squeeze(1)
+def _forward_chunks(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    softmax: bool,
+    squared: bool,
+    dtype: torch.dtype,
+    with_lse: bool,
+):
+    """Activation ``p`` written chunk by chunk into one buffer, plus what the terms need while a chunk is hot.
+
+    Returns ``p`` (B, C, N), the true-class probability (B, N), the masked prediction sums (B, C) accumulated in
+    float64, and the log-sum-exp per voxel (B, N) for the CE term (or None). Going over the voxels in cache-sized
+    chunks beats ``torch.softmax`` over the channel axis on CPU and yields ``lse = max + log(sum)`` for free.
+    """
+    b, c, n = x.shape
+    p = torch.empty((b, c, n), dtype=dtype, device=x.device)
+    true_p = torch.empty((b, n), dtype=dtype, device=x.device)
+    psum = torch.zeros((b, c), dtype=torch.float64, device=x.device)
+    lse = torch.empty((b, n), dtype=dtype, device=x.device) if with_lse else None
+    step = _step(p)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        xc, pc = x[:, :, lo:hi], p[:, :, lo:hi]
+        if softmax:
+            m = xc.amax(1, keepdim=True).to(dtype)
+            torch.sub(xc, m, out=pc)
+            pc.exp_()
+            tot = pc.sum(1, keepdim=True)
+            pc.div_(tot)
+            if lse is not None:
+                lse[:, lo:hi] = (m + tot.log()).squeeze(1)
+        else:
+            pc.copy_(xc).sigmoid_()
+        true_p[:, lo:hi] = pc.gather(1, labels[:, None, lo:hi]).squeeze(1)
+        qc = pc * pc if squared else pc
+        part = qc.sum(-1) if mask is None else torch.bmm(qc, mask[:, lo:hi, None]).squeeze(-1)
+        psum += part
+    return p, true_p, psum.to(dtype), lse
 
 
 class _FusedLabelTerms(torch.autograd.Function):
@@ -44,18 +79,14 @@ class _FusedLabelTerms(torch.autograd.Function):
     def forward(ctx, x, labels, mask, ce_weight, softmax: bool, squared: bool, with_ce: bool):  # noqa: D102
         dtype = torch.promote_types(x.dtype, torch.float32)
         b, c = x.shape[:2]
-        p = _activate(x, softmax, dtype)
-        true_p = p.gather(1, labels[:, None]).squeeze(1)
+        p, true_p, psum, lse = _forward_chunks(x, labels, mask, softmax, squared, dtype, with_ce)
         w_true_p = true_p if mask is None else true_p * mask
         # float64 accumulation: scatter_add sums sequentially, float32 would drift on large volumes
         inter = torch.zeros(b, c, dtype=torch.float64, device=x.device)
         inter = inter.scatter_add_(1, labels, w_true_p.to(torch.float64)).to(dtype)
-        q = p * p if squared else p
-        psum = q.sum(-1) if mask is None else torch.bmm(q, mask[:, :, None]).squeeze(-1)
-        del q
         nll = torch.zeros((), dtype=dtype, device=x.device)
         if with_ce:
-            logp_t = _true_class_log_prob(x, p, labels, true_p)
+            logp_t = x.gather(1, labels[:, None]).squeeze(1).to(dtype) - lse
             wv = mask if ce_weight is None else ce_weight[labels] * (1.0 if mask is None else mask)
             nll = -(logp_t * wv).sum() if wv is not None else -logp_t.sum()
         ctx.save_for_backward(x, labels, mask, ce_weight, true_p)
@@ -72,7 +103,7 @@ class _FusedLabelTerms(torch.autograd.Function):
         softmax, squared, with_ce = ctx.flags
         p, ctx.p = ctx.p, None
         if p is None:  # a second backward: the first one turned the saved activation into its gradient
-            p = _activate(x, softmax, true_p.dtype)
+            p = _forward_chunks(x, labels, mask, softmax, False, true_p.dtype, False)[0]
         grad = _backward_in_place(
             p, labels, mask, ce_weight, true_p, g_inter, g_psum, g_nll, softmax, squared, with_ce
         )
@@ -96,17 +127,13 @@ def _backward_in_place(p, labels, mask, ce_weight, true_p, g_inter, g_psum, g_nl
     gi_t = g_inter.gather(1, labels)  # (B, N): gI at the true class
     m = mask
     # per-voxel terms
+    ce_v = None
     if softmax:
-        if squared:
-            s = None  # needs p**2, done per chunk
-        else:
-            s = torch.bmm(g_psum[:, None, :], p).squeeze(1)  # sum_k gP_k p_k
-        ce_v = None
         if with_ce and g_nll is not None:
             ce_v = g_nll.to(p.dtype) * (torch.ones_like(true_p) if ce_weight is None else ce_weight[labels].to(p.dtype))
             if m is not None:
                 ce_v = ce_v * m
-    step = max(1, _CHUNK_ELEMENTS.get(p.device.type, _DEFAULT_CHUNK) // max(1, b * c))
+    step = _step(p)
     beta = g_psum[:, :, None]
     for lo in range(0, n, step):
         hi = min(n, lo + step)
@@ -118,7 +145,7 @@ def _backward_in_place(p, labels, mask, ce_weight, true_p, g_inter, g_psum, g_nl
                 s_c = (hq * pc).sum(1, keepdim=True) + (gi_t[:, None, lo:hi] * true_p[:, None, lo:hi])
             else:
                 hq = beta
-                s_c = s[:, None, lo:hi] + gi_t[:, None, lo:hi] * true_p[:, None, lo:hi]
+                s_c = torch.bmm(g_psum[:, None, :], pc) + gi_t[:, None, lo:hi] * true_p[:, None, lo:hi]
             factor = hq - s_c
             if mc is not None:
                 factor = factor * mc
