@@ -109,7 +109,8 @@ def check_weight(weight: Sequence[float] | float | int | torch.Tensor | None) ->
     if weight is None:
         return None
     try:
-        w = torch.as_tensor(weight, dtype=torch.float32).detach().clone()
+        w = torch.as_tensor(weight).detach().clone()
+        w = w if w.is_floating_point() else w.to(torch.float32)
     except (TypeError, ValueError, RuntimeError) as e:
         raise TypeError(f"`weight` must be a number, a sequence of numbers or a tensor, got {weight!r}.") from e
     if w.ndim > 1:
@@ -657,8 +658,7 @@ def split_weight(
             f"`weight` must have one value per class ({expected} for {num_classes} input channels with "
             f"include_background={include_background}), got length {weight.shape[0]}."
         )
-    idx = torch.tensor(keep, dtype=torch.long, device=full.device)
-    return full.index_select(0, idx), full
+    return take_channels(full, keep, 0), full
 
 
 def cross_entropy_term(
@@ -776,12 +776,24 @@ def _loss_parts(
     return terms, vol, dice_w, ce
 
 
+def take_channels(t: torch.Tensor, keep: tuple[int, ...], dim: int) -> torch.Tensor:
+    """``t`` restricted to the indices ``keep`` along ``dim``, by slicing (an index tensor built from a Python list
+    would be a host-to-device copy on every step; ``keep`` is a range with at most one hole)."""
+    runs: list[tuple[int, int]] = []
+    for k in keep:
+        if runs and runs[-1][1] == k:
+            runs[-1] = (runs[-1][0], k + 1)
+        else:
+            runs.append((k, k + 1))
+    parts = [t.narrow(dim, lo, hi - lo) for lo, hi in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def _select(terms: DiceTerms, vol: torch.Tensor, keep: tuple[int, ...]) -> tuple[DiceTerms, torch.Tensor]:
     """Keep the channels in ``keep`` (classes on axis 1)."""
     if len(keep) == terms.intersection.shape[1]:
         return terms, vol
-    idx = torch.tensor(keep, device=vol.device, dtype=torch.long)
-    return DiceTerms(*(t.index_select(1, idx) for t in terms)), vol.index_select(1, idx)
+    return DiceTerms(*(take_channels(t, keep, 1) for t in terms)), take_channels(vol, keep, 1)
 
 
 def _combine(dice: torch.Tensor, ce: torch.Tensor | None, lambda_dice: float, lambda_ce: float) -> torch.Tensor:

@@ -23,12 +23,14 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["fused_label_terms"]
 
-_CHUNK_ELEMENTS = {"cpu": 1 << 18}  # temporaries per chunk; accelerators take one big chunk
-_DEFAULT_CHUNK = 1 << 26
+# elements per chunk of temporaries: cache-sized on CPU; on accelerators large enough to keep kernels busy and
+# small enough (64 MiB in float32) that the temporaries stay far below the logits' size
+_CHUNK_ELEMENTS = {"cpu": 1 << 18}
+_DEFAULT_CHUNK = 1 << 24
 
 
 def _step(p: torch.Tensor) -> int:
-    """Voxels per chunk: small temporaries on CPU (cache-sized), one chunk on accelerators."""
+    """Voxels per chunk of temporaries (see ``_CHUNK_ELEMENTS``)."""
     b, c = p.shape[:2]
     return max(1, _CHUNK_ELEMENTS.get(p.device.type, _DEFAULT_CHUNK) // max(1, b * c))
 

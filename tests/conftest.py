@@ -32,6 +32,15 @@ def case(request):
     return _make_case(request.param)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny-tensor tests: on 2 shared cores OpenMP hand-offs dominate otherwise."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class ParityRecord:
     """Largest value and gradient deviation from MONAI seen in this session, per comparison family."""
 

@@ -1,0 +1,140 @@
+"""GPU checks for a lent accelerator (never run by CI): sync-free training steps, CUDA parity with MONAI, and the
+per-class Dice metric's update without host syncs.
+
+    python benchmarks/gpu_check.py
+
+Prints one line per check and exits non-zero if any fails. Timing and memory against MONAI/nnU-Net on CUDA come
+from ``gdl-plus bench --device cuda`` (``monai_gdl_plus.bench``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import warnings
+
+import torch
+from monai.losses import DiceCELoss, DiceLoss, GeneralizedDiceLoss
+
+from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss
+
+
+def _sync_free_step(loss_fn: torch.nn.Module, shape: tuple[int, ...], ignore: int | None) -> str:
+    """One conv + loss forward/backward + SGD step under ``set_sync_debug_mode("error")``."""
+    dev = torch.device("cuda")
+    b, c = shape[:2]
+    net = torch.nn.Conv3d(1, c, 3, padding=1).to(dev)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    img = torch.randn(b, 1, *shape[2:], device=dev)
+    lab = torch.randint(0, c, (b, 1, *shape[2:]), device=dev)
+    if ignore is not None:
+        lab[:, :, :2] = ignore
+    loss_fn = loss_fn.to(dev)
+    for step in range(3):  # the first steps warm up kernels and the allocator outside the check
+        opt.zero_grad(set_to_none=True)
+        logits = net(img)
+        if step == 2:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:  # only the loss's forward and backward are under the check
+            loss = loss_fn(logits, lab)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        opt.step()
+    return f"loss={float(loss):.4f}"
+
+
+def check_sync_free() -> bool:
+    ok = True
+    cases = [
+        ("DicePlusLoss softmax", DicePlusLoss(to_onehot_y=True, softmax=True), None),
+        ("DicePlusLoss softmax+CE ignore=255", DicePlusLoss(to_onehot_y=True, softmax=True, lambda_ce=1.0,
+                                                            ignore_index=255), 255),  # fmt: skip
+        ("DicePlusLoss sigmoid squared", DicePlusLoss(to_onehot_y=True, sigmoid=True, squared_pred=True), None),
+        ("GDL softmax", GeneralizedDicePlusLoss(to_onehot_y=True, softmax=True), None),
+        ("GDL softmax no-bg ignore=2 +CE w", GeneralizedDicePlusLoss(
+            to_onehot_y=True, softmax=True, include_background=False, ignore_index=2, lambda_ce=0.5,
+            weight=[1.0, 2.0, 3.0, 4.0]), 2),  # fmt: skip
+        ("GDL batch jaccard", GeneralizedDicePlusLoss(to_onehot_y=True, softmax=True, batch=True, jaccard=True), None),
+    ]
+    for name, fn, ignore in cases:
+        try:
+            msg = _sync_free_step(fn, (2, 4, 32, 32, 32), ignore)
+            print(f"[ok]   sync-free step: {name}: {msg}")
+        except RuntimeError as e:
+            ok = False
+            print(f"[FAIL] sync-free step: {name}: {str(e).splitlines()[0][:300]}")
+    return ok
+
+
+def check_parity() -> bool:
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 4, 16, 16, 16, device=dev, dtype=torch.float64)
+    y = torch.randint(0, 4, (2, 1, 16, 16, 16), device=dev)
+    worst = 0.0
+    n = 0
+    grid = itertools.product([True, False], [True, False], [True, False], [True, False], ["softmax", "sigmoid"])
+    for inc_bg, squared, batch, jaccard, act in grid:
+        kw = dict(include_background=inc_bg, to_onehot_y=True, batch=batch, **{act: True})
+        pairs = [
+            (DiceLoss(squared_pred=squared, jaccard=jaccard, **kw), DicePlusLoss(squared_pred=squared, jaccard=jaccard, **kw)),
+            (GeneralizedDiceLoss(**kw), GeneralizedDicePlusLoss(normalize_weights=False, **kw)),
+        ]
+        if act == "softmax":
+            pairs.append((DiceCELoss(squared_pred=squared, jaccard=jaccard, **kw),
+                          DicePlusLoss(squared_pred=squared, jaccard=jaccard, lambda_ce=1.0, **kw)))  # fmt: skip
+        for ref, ours in pairs:
+            xa, xb = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                la, lb = ref(xa, y), ours(xb, y)
+            la.backward()
+            lb.backward()
+            worst = max(worst, float((la - lb).abs()), float((xa.grad - xb.grad).abs().max()))
+            n += 1
+    good = worst <= 1e-5
+    print(f"[{'ok' if good else 'FAIL'}]   CUDA parity with MONAI: {n} cases, max |value or grad diff| = {worst:.2e}")
+    return good
+
+
+def check_metric_sync_free() -> bool:
+    from monai_gdl_plus import PerClassDice
+
+    dev = torch.device("cuda")
+    x = torch.randn(2, 4, 32, 32, 32, device=dev)
+    y = torch.randint(0, 4, (2, 1, 32, 32, 32), device=dev)
+    ok = True
+    for kw in ({}, {"aggregation": "per_image"}, {"activation": "sigmoid"}, {"ignore_index": 255}):
+        m = PerClassDice(4, device=dev, **kw)
+        m.update((x, y))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            m.update((x, y))
+            res = "no sync"
+        except RuntimeError as e:
+            ok, res = False, f"SYNC: {str(e).splitlines()[0][:200]}"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        cpu = PerClassDice(4, **kw)
+        cpu.update((x.cpu(), y.cpu()))
+        cpu.update((x.cpu(), y.cpu()))
+        same = all((a != a and b != b) or abs(a - b) < 1e-9 for a, b in zip(m.compute().values(), cpu.compute().values()))
+        ok = ok and same
+        print(f"[{'ok' if res == 'no sync' and same else 'FAIL'}]   PerClassDice.update {kw}: {res}, cuda==cpu: {same}")
+    return ok
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 0
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
+    results = [check_sync_free(), check_parity(), check_metric_sync_free()]
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Tests of :mod:`monai_gdl_plus.functional` against ``tests/reference.py``; the Modules equal the functions."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import reference as R
+import torch
+
+from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss
+from monai_gdl_plus import functional as GF
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _probs(case):
+    x, labels = case
+    return torch.softmax(x.detach(), 1), labels
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# per_class_terms
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("target_form", ["onehot", "onehot_int", "label_b1", "label_b"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_per_class_terms_match_reference(case, squared, target_form, masked):
+    p, labels = _probs(case)
+    b, c = p.shape[:2]
+    onehot = R.one_hot(labels[:, 0], c)
+    target = {
+        "onehot": onehot,
+        "onehot_int": onehot.long(),
+        "label_b1": labels,
+        "label_b": labels[:, 0],
+    }[target_form]
+    mask = None
+    if masked:
+        mask = (torch.rand(labels.shape, generator=torch.Generator().manual_seed(7)) > 0.3).double()
+    terms = GF.per_class_terms(p, target, squared=squared, mask=mask)
+    m = torch.ones(b, 1, p[0, 0].numel(), dtype=p.dtype) if mask is None else mask.reshape(b, 1, -1)
+    expected = R.terms(p.reshape(b, c, -1) * m, onehot.reshape(b, c, -1) * m, squared)
+    assert isinstance(terms, GF.DiceTerms)
+    for got, want in zip(terms, expected):
+        assert got.shape == (b, c)
+        torch.testing.assert_close(got, want)
+
+
+def test_per_class_terms_soft_label_is_monai_soft_intersection(case):
+    """MONAI's soft-label form ``I = (|p| + |g| - |p - g|) / 2`` is the sum of min(p, g) for non-negative inputs."""
+    p, _ = _probs(case)
+    b, c = p.shape[:2]
+    g = torch.softmax(torch.randn(p.shape, generator=torch.Generator().manual_seed(8), dtype=p.dtype), 1)
+    terms = GF.per_class_terms(p, g, soft_label=True)
+    for i, k in itertools.product(range(b), range(c)):
+        assert float(terms.intersection[i, k]) == pytest.approx(float(torch.minimum(p[i, k], g[i, k]).sum()))
+        assert float(terms.pred_sum[i, k]) == pytest.approx(float(p[i, k].sum()))
+        assert float(terms.target_sum[i, k]) == pytest.approx(float(g[i, k].sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_per_class_terms_half_inputs_give_float32(case, dtype):
+    p, labels = _probs(case)
+    terms = GF.per_class_terms(p.to(dtype), labels)
+    expected = GF.per_class_terms(p.to(dtype).float(), labels)
+    for got, want in zip(terms, expected):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want)
+
+
+def test_per_class_terms_gradient_matches_reference(case):
+    x, labels = case
+    c = x.shape[1]
+
+    def ours(t):
+        terms = GF.per_class_terms(torch.softmax(t, 1), labels, squared=True)
+        return sum((k + 1) * term.sum() for k, term in enumerate(terms))
+
+    def ref(t):
+        b = t.shape[0]
+        onehot = R.one_hot(labels[:, 0], c).reshape(b, c, -1)
+        terms = R.terms(torch.softmax(t, 1).reshape(b, c, -1), onehot, True)
+        return sum((k + 1) * term.sum() for k, term in enumerate(terms))
+
+    (g1,) = torch.autograd.grad(ours(x), x)
+    (g2,) = torch.autograd.grad(ref(x), x)
+    torch.testing.assert_close(g1, g2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# label_terms
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ignore_index", [None, 255, -1, 1])
+def test_label_terms_match_reference(case, ignore_index):
+    x, labels = case
+    c = x.shape[1]
+    pred = x.detach().argmax(1)
+    target = labels[:, 0].clone()
+    if ignore_index is not None and not 0 <= ignore_index < c:
+        target[:, :2] = ignore_index
+    terms = GF.label_terms(pred, target, c, ignore_index=ignore_index)
+    expected = R.label_counts(pred, target, c, ignore_index)
+    for got, want in zip(terms, expected):
+        assert got.dtype == torch.int64
+        torch.testing.assert_close(got, want)
+
+
+def test_label_terms_errors():
+    with pytest.raises(ValueError, match=r"same shape.*\(2, 4\).*\(2, 5\)"):
+        GF.label_terms(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        GF.label_terms(torch.zeros(2, 4, dtype=torch.long), torch.full((2, 4), 3), 3)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        GF.label_terms(torch.full((2, 4), 5), torch.zeros(2, 4, dtype=torch.long), 3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# dice_from_terms, gdl_weights, generalized_dice_from_terms
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jaccard", [False, True])
+@pytest.mark.parametrize("smooth", [(1e-5, 1e-5), (0.0, 1e-6), (1.0, 1.0)])
+def test_dice_from_terms_formula(jaccard, smooth):
+    g = torch.Generator().manual_seed(1)
+    inter = torch.rand(3, 4, generator=g, dtype=torch.float64) * 10
+    terms = GF.DiceTerms(inter, inter + torch.rand(3, 4, generator=g, dtype=torch.float64) * 5, inter + 2.0)
+    f = GF.dice_from_terms(terms, *smooth, jaccard=jaccard)
+    assert f.shape == (3, 4)
+    for i, k in itertools.product(range(3), range(4)):
+        ii, pp, gg = (float(t[i, k]) for t in terms)
+        den = 2 * (pp + gg - ii) if jaccard else pp + gg
+        assert float(f[i, k]) == pytest.approx(1 - (2 * ii + smooth[0]) / (den + smooth[1]), rel=1e-12)
+
+
+def test_dice_from_terms_empty_class_is_zero_and_finite():
+    zero = torch.zeros(1, 2)
+    f = GF.dice_from_terms(GF.DiceTerms(zero, zero, zero))
+    assert torch.isfinite(f).all() and (f == 0).all()
+
+
+GDL_WEIGHT_VOLUMES = [[5.0, 0.0, 3.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [100.0, 2.0, 0.0], [7.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize(
+    "w_type,absent_weight,static,normalize",
+    list(itertools.product(("square", "simple", "uniform"), ("max", "zero", 0.25), (None, [0.5, 1.0, 0.2]),
+                           (True, False))),
+)  # fmt: skip
+def test_gdl_weights_match_reference(w_type, absent_weight, static, normalize):
+    vols = torch.tensor(GDL_WEIGHT_VOLUMES, dtype=torch.float64, requires_grad=True)
+    static_t = None if static is None else torch.tensor(static)
+    w = GF.gdl_weights(vols, w_type, absent_weight, static_t, normalize)
+    assert w.shape == vols.shape and not w.requires_grad  # weights carry no gradient
+    for row, got in zip(GDL_WEIGHT_VOLUMES, w):
+        want = R.gdl_weights(row, w_type, absent_weight, static, normalize)
+        torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64))
+    # 1-D volumes (batch-summed) follow the same rules
+    one = GF.gdl_weights(vols[3].detach(), w_type, absent_weight, static_t, normalize)
+    torch.testing.assert_close(one, w[3])
+
+
+def test_gdl_weights_empty_sample_is_uniform_whatever_the_policy():
+    zero = torch.zeros(1, 4)
+    for policy in ("max", "zero", 3.0):
+        normalized = GF.gdl_weights(zero, "square", policy, normalize=True)
+        torch.testing.assert_close(normalized.float(), torch.full((1, 4), 0.25))
+        torch.testing.assert_close(GF.gdl_weights(zero, "square", policy, normalize=False).float(), torch.ones(1, 4))
+
+
+@pytest.mark.parametrize("jaccard", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_generalized_dice_from_terms_formula(jaccard, normalize):
+    g = torch.Generator().manual_seed(2)
+    inter = torch.rand(2, 3, generator=g, dtype=torch.float64) * 4
+    psum = inter + torch.rand(2, 3, generator=g, dtype=torch.float64)
+    vol = torch.tensor([[4.0, 0.0, 6.0], [3.0, 5.0, 9.0]], dtype=torch.float64)
+    tsum = vol.clone()
+    f = GF.generalized_dice_from_terms(
+        GF.DiceTerms(inter, psum, tsum), vol, w_type="simple", normalize_weights=normalize, jaccard=jaccard
+    )
+    assert f.shape == (2,)
+    for i in range(2):
+        w = R.gdl_weights(vol[i].tolist(), "simple", "max", None, normalize)
+        num = sum(w[k] * float(inter[i, k]) for k in range(3))
+        den = sum(w[k] * float(psum[i, k] + tsum[i, k]) for k in range(3))
+        den = 2 * (den - num) if jaccard else den
+        assert float(f[i]) == pytest.approx(1 - (2 * num + 1e-5) / (den + 1e-5), rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reduce_loss, check_option, prepare
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_reduce_loss():
+    f = torch.arange(6.0).reshape(2, 3)
+    assert float(GF.reduce_loss(f, "mean")) == pytest.approx(2.5)
+    assert float(GF.reduce_loss(f, "sum")) == pytest.approx(15.0)
+    assert GF.reduce_loss(f, "none") is f
+
+
+def test_check_option():
+    assert GF.check_option("w_type", "simple", GF.W_TYPES) == "simple"
+    with pytest.raises(ValueError, match=r"`w_type` must be one of .*'unifrm'.*did you mean 'uniform'"):
+        GF.check_option("w_type", "unifrm", GF.W_TYPES)
+
+
+@pytest.mark.parametrize(
+    "include_background,ignore_index,keep", [(True, None, (0, 1, 2, 3)), (False, None, (1, 2, 3)),
+                                             (False, 2, (1, 3)), (True, 255, (0, 1, 2, 3))]
+)  # fmt: skip
+def test_prepare_label_map(make_case, include_background, ignore_index, keep):
+    x, labels = make_case((2, 4, 5, 5))
+    labels = labels.clone()
+    labels[0, 0, 0, :] = 255 if ignore_index == 255 else labels[0, 0, 0, :]
+    prep = GF.prepare(x, labels, include_background=include_background, to_onehot_y=True, softmax=True,
+                      ignore_index=ignore_index)  # fmt: skip
+    assert prep.keep == keep
+    assert prep.target is None and prep.labels.shape == (2, 25)
+    torch.testing.assert_close(prep.probs, torch.softmax(x, 1).reshape(2, 4, 25))
+    if ignore_index is None:
+        assert prep.mask is None
+    else:
+        flat = labels.reshape(2, 25)
+        torch.testing.assert_close(prep.mask, (flat != ignore_index).to(prep.mask.dtype))
+        assert ((prep.labels >= 0) & (prep.labels < 4)).all()  # ignored voxels mapped into range
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the loss functions; the Modules equal them
+# --------------------------------------------------------------------------------------------------------------------
+
+FUNCTION_CASES = [
+    {"to_onehot_y": True, "softmax": True},
+    {"to_onehot_y": True, "softmax": True, "include_background": False, "batch": True, "squared_pred": True},
+    {"to_onehot_y": True, "sigmoid": True, "jaccard": True, "reduction": "sum", "weight": 0.5},
+    {"to_onehot_y": True, "softmax": True, "ignore_index": 255, "lambda_ce": 0.5, "weight": [0.2, 0.4, 0.6, 0.8]},
+    {"to_onehot_y": True, "softmax": True, "ignore_index": 2, "lambda_dice": 0.3, "lambda_ce": 0.7,
+     "label_smoothing": 0.1},
+    {"softmax": True, "reduction": "none", "include_background": False, "weight": [0.5, 0.6, 0.7]},
+    {"sigmoid": True, "lambda_ce": 1.0},
+]  # fmt: skip
+GDL_ONLY = [{}, {"w_type": "simple", "absent_weight": "zero"}, {"w_type": "uniform", "normalize_weights": False},
+            {"absent_weight": 0.1, "batch": True}]  # fmt: skip
+
+
+MODULE_CASES = [("dice", kw) for kw in FUNCTION_CASES] + [
+    ("gdl", {**kw, **extra}) for kw, extra in itertools.product(FUNCTION_CASES, GDL_ONLY)
+]
+
+
+@pytest.mark.parametrize("kind,kw", MODULE_CASES)
+def test_module_equals_function(make_case, kind, kw):
+    x, labels = make_case((2, 4, 5, 5, 5))
+    labels = labels.clone()
+    if kw.get("ignore_index") == 255:
+        labels[:, :, 0] = 255
+    y = labels if kw.get("to_onehot_y") else R.one_hot(labels[:, 0], 4)
+    if kind == "dice":
+        module, function = DicePlusLoss(**kw), GF.dice_plus_loss
+    else:
+        module, function = GeneralizedDicePlusLoss(**kw), GF.generalized_dice_plus_loss
+    x1 = x.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    a = module(x1, y)
+    b = function(x2, y, **kw)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    a.sum().backward()
+    b.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("function", [GF.dice_plus_loss, GF.generalized_dice_plus_loss])
+def test_functions_validate_arguments(function):
+    x = torch.randn(2, 3, 4, 4)
+    y = torch.randint(0, 3, (2, 1, 4, 4))
+    with pytest.raises(ValueError, match="did you mean 'mean'"):
+        function(x, y, to_onehot_y=True, reduction="meen")
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        function(x, y, sigmoid=True, softmax=True)
+    with pytest.raises(ValueError, match=r"`weight`.*no less than 0"):
+        function(x, y, to_onehot_y=True, weight=[1.0, -1.0, 1.0])
+
+
+def test_gdl_function_rejects_unknown_w_type():
+    with pytest.raises(ValueError, match="did you mean 'square'"):
+        GF.generalized_dice_plus_loss(torch.randn(1, 2, 3, 3), torch.zeros(1, 1, 3, 3), w_type="squar")

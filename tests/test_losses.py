@@ -1,0 +1,1003 @@
+"""Tests of :mod:`monai_gdl_plus.losses`.
+
+Two references: the installed MONAI classes where behaviour must match (value and gradient to 1e-5), and the slow
+formula-by-formula code in ``tests/reference.py`` for the extensions. Run with ``-s`` to see the parity summary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import monai.losses as ML
+import pytest
+import reference as R
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from monai.data import MetaTensor
+
+from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss
+
+SHAPES = {"3d": (2, 4, 6, 6, 6), "2d": (2, 3, 8, 8)}
+ACTS = {"sigmoid": {"sigmoid": True}, "softmax": {"softmax": True}}
+REDUCTIONS = ("mean", "sum", "none")
+TOL = 1e-5
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _target(labels: torch.Tensor, num_classes: int, kind: str) -> torch.Tensor:
+    """The label map itself, or its one-hot (labels outside [0, C) give all-zero rows: MONAI's sentinel rule)."""
+    return labels if kind == "label" else R.one_hot(labels[:, 0], num_classes)
+
+
+def _with_ignored(labels: torch.Tensor, value: int, seed: int = 1, fraction: float = 0.2) -> torch.Tensor:
+    """A copy of ``labels`` with a random ``fraction`` of voxels set to ``value``."""
+    g = torch.Generator().manual_seed(seed)
+    out = labels.clone()
+    out[torch.rand(labels.shape, generator=g) < fraction] = value
+    return out
+
+
+def _class_weight(n: int, dtype=torch.float64) -> torch.Tensor:
+    return torch.linspace(0.3, 1.0, n, dtype=dtype)
+
+
+def _value_and_grad(loss, x: torch.Tensor, y: torch.Tensor, shape=None):
+    """Loss value (reshaped to ``shape``) and d(sum(value * cotangent))/dx with a fixed non-uniform cotangent."""
+    xi = x.detach().clone().requires_grad_(True)
+    v = loss(xi, y)
+    if shape is not None:
+        v = v.reshape(shape)
+    cot = torch.linspace(0.5, 1.5, v.numel(), dtype=v.dtype).reshape(v.shape) if v.numel() > 1 else torch.ones_like(v)
+    (grad,) = torch.autograd.grad((v * cot).sum(), xi)
+    return v.detach(), grad
+
+
+def _assert_parity(record, family, ours, theirs, x, y, tol=TOL):
+    a, ga = _value_and_grad(ours, x, y)
+    b, gb = _value_and_grad(theirs, x, y, shape=a.shape)
+    record.add(family, float((a - b).abs().max()), float((ga - gb).abs().max()))
+    torch.testing.assert_close(a, b.to(a.dtype), atol=tol, rtol=0)
+    torch.testing.assert_close(ga, gb, atol=tol, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. parity with the installed MONAI classes
+# --------------------------------------------------------------------------------------------------------------------
+
+DICE_CORE_GRID = list(
+    itertools.product(SHAPES, (True, False), ACTS, ("label", "onehot"), (False, True), (False, True), (False, True),
+                      REDUCTIONS)
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "dims,include_background,act,target_kind,squared_pred,jaccard,batch,reduction", DICE_CORE_GRID
+)
+def test_dice_matches_monai_dice_loss(
+    make_case, parity_record, dims, include_background, act, target_kind, squared_pred, jaccard, batch, reduction
+):
+    x, labels = make_case(SHAPES[dims])
+    kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", squared_pred=squared_pred,
+              jaccard=jaccard, batch=batch, reduction=reduction, **ACTS[act])  # fmt: skip
+    y = _target(labels, x.shape[1], target_kind)
+    _assert_parity(parity_record, "DiceLoss", DicePlusLoss(**kw), ML.DiceLoss(**kw), x, y)
+
+
+DICE_WEIGHT_IGNORE_GRID = list(
+    itertools.product((True, False), ACTS, ("label", "onehot"), (None, "scalar", "per_kept_class"),
+                      (None, 255, -1), (False, True), REDUCTIONS)
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "include_background,act,target_kind,weight,ignore_index,batch,reduction", DICE_WEIGHT_IGNORE_GRID
+)
+def test_dice_weight_and_ignore_index_match_monai(
+    make_case, parity_record, include_background, act, target_kind, weight, ignore_index, batch, reduction
+):
+    x, labels = make_case(SHAPES["3d"])
+    c = x.shape[1]
+    if ignore_index is not None:
+        labels = _with_ignored(labels, ignore_index)
+    w = {None: None, "scalar": 0.7, "per_kept_class": _class_weight(c if include_background else c - 1)}[weight]
+    kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", batch=batch,
+              reduction=reduction, weight=w, ignore_index=ignore_index, **ACTS[act])  # fmt: skip
+    y = _target(labels, c, target_kind)
+    _assert_parity(parity_record, "DiceLoss weight/ignore_index", DicePlusLoss(**kw), ML.DiceLoss(**kw), x, y)
+
+
+DICE_CE_GRID = list(
+    itertools.product((True, False), ("label", "onehot"), (False, True), ((1.0, 1.0), (0.5, 0.5), (1.0, 0.0)),
+                      (False, True), (False, True), ("mean", "sum"))
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("include_background,target_kind,weighted,lambdas,squared_pred,batch,reduction", DICE_CE_GRID)
+def test_dice_ce_matches_monai_dice_ce_loss(
+    make_case, parity_record, include_background, target_kind, weighted, lambdas, squared_pred, batch, reduction
+):
+    """With weight of length C (DiceCELoss's convention: CE uses all, Dice drops the first without background)."""
+    x, labels = make_case(SHAPES["2d"])
+    c = x.shape[1]
+    lambda_dice, lambda_ce = lambdas
+    kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", softmax=True,
+              squared_pred=squared_pred, batch=batch, reduction=reduction, lambda_dice=lambda_dice,
+              lambda_ce=lambda_ce, weight=_class_weight(c) if weighted else None)  # fmt: skip
+    y = _target(labels, c, target_kind)
+    _assert_parity(parity_record, "DiceCELoss", DicePlusLoss(**kw), ML.DiceCELoss(**kw), x, y)
+
+
+@pytest.mark.parametrize(
+    "weighted,squared_pred,reduction", list(itertools.product((False, True), (False, True), ("mean", "sum")))
+)
+def test_dice_ce_one_channel_sigmoid_matches_monai(make_case, parity_record, weighted, squared_pred, reduction):
+    """One channel: MONAI uses BCE-with-logits with ``pos_weight=weight``; so do we."""
+    x, labels = make_case((2, 2, 6, 6))
+    x = x[:, :1].detach()
+    y = labels.double()
+    kw = dict(sigmoid=True, squared_pred=squared_pred, reduction=reduction, lambda_ce=0.6,
+              weight=torch.tensor([1.7], dtype=torch.float64) if weighted else None)  # fmt: skip
+    _assert_parity(parity_record, "DiceCELoss 1-channel BCE", DicePlusLoss(**kw), ML.DiceCELoss(**kw), x, y)
+
+
+GDL_GRID = list(
+    itertools.product(SHAPES, (True, False), ACTS, ("label", "onehot"), ("square", "simple", "uniform"),
+                      (False, True), REDUCTIONS)
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("dims,include_background,act,target_kind,w_type,batch,reduction", GDL_GRID)
+def test_gdl_matches_monai_generalized_dice_loss(
+    make_case, parity_record, dims, include_background, act, target_kind, w_type, batch, reduction
+):
+    """``normalize_weights=False``; the last sample lacks the last class (MONAI's max-weight rule)."""
+    x, labels = make_case(SHAPES[dims])
+    kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", w_type=w_type, batch=batch,
+              reduction=reduction, **ACTS[act])  # fmt: skip
+    y = _target(labels, x.shape[1], target_kind)
+    ours = GeneralizedDicePlusLoss(normalize_weights=False, **kw)
+    _assert_parity(parity_record, "GeneralizedDiceLoss", ours, ML.GeneralizedDiceLoss(**kw), x, y)
+
+
+@pytest.mark.parametrize(
+    "name,ours,theirs",
+    [
+        (
+            "dice softmax label",
+            DicePlusLoss(to_onehot_y=True, softmax=True),
+            ML.DiceLoss(to_onehot_y=True, softmax=True),
+        ),
+        (
+            "dice sigmoid squared batch",
+            DicePlusLoss(sigmoid=True, squared_pred=True, batch=True, include_background=False),
+            ML.DiceLoss(sigmoid=True, squared_pred=True, batch=True, include_background=False),
+        ),
+        (
+            "dice ignore 255 weight",
+            DicePlusLoss(to_onehot_y=True, softmax=True, ignore_index=255, weight=[0.2, 0.4, 0.6, 0.8]),
+            ML.DiceLoss(to_onehot_y=True, softmax=True, ignore_index=255, weight=[0.2, 0.4, 0.6, 0.8]),
+        ),
+        (
+            "gdl softmax label",
+            GeneralizedDicePlusLoss(to_onehot_y=True, softmax=True, normalize_weights=False),
+            ML.GeneralizedDiceLoss(to_onehot_y=True, softmax=True),
+        ),
+        (
+            "dice ce",
+            DicePlusLoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, weight=torch.tensor([0.2, 0.4, 0.6, 0.8])),
+            ML.DiceCELoss(to_onehot_y=True, softmax=True, weight=torch.tensor([0.2, 0.4, 0.6, 0.8])),
+        ),
+    ],
+)
+def test_float32_parity_spot_checks(make_case, parity_record, name, ours, theirs):
+    x, labels = make_case(SHAPES["3d"], dtype=torch.float32)
+    if "255" in name:
+        labels = _with_ignored(labels, 255)
+    y = labels if ours.options["to_onehot_y"] else R.one_hot(labels[:, 0], 4, torch.float32)
+    _assert_parity(parity_record, "float32 spot checks", ours, theirs, x, y)
+
+
+@pytest.mark.parametrize("loss_name,squared_pred", [("dice", False), ("dice", True), ("gdl", False)])
+def test_soft_label_matches_monai(make_case, parity_record, loss_name, squared_pred):
+    x, _ = make_case(SHAPES["2d"])
+    y = torch.softmax(torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype), 1)
+    if loss_name == "dice":
+        kw = dict(softmax=True, soft_label=True, squared_pred=squared_pred)
+        ours, theirs = DicePlusLoss(**kw), ML.DiceLoss(**kw)
+    else:
+        kw = dict(softmax=True, soft_label=True)
+        ours, theirs = GeneralizedDicePlusLoss(normalize_weights=False, **kw), ML.GeneralizedDiceLoss(**kw)
+    _assert_parity(parity_record, "soft_label", ours, theirs, x, y)
+
+
+def test_other_act_is_not_clamped_and_matches_monai(make_case, parity_record):
+    """An activation leaving [0, 1] (log_softmax) gives MONAI's value: no clamping."""
+    x, labels = make_case(SHAPES["2d"])
+
+    def act(t):
+        return torch.log_softmax(t, 1)
+
+    kw = dict(to_onehot_y=True, other_act=act)
+    _assert_parity(parity_record, "other_act", DicePlusLoss(**kw), ML.DiceLoss(**kw), x, labels)
+    value = DicePlusLoss(**kw)(x, labels)
+    clamped = DicePlusLoss(to_onehot_y=True, other_act=lambda t: act(t).clamp(0, 1))(x, labels)
+    assert abs(float(value.detach()) - float(clamped.detach())) > 0.1
+
+
+@pytest.mark.parametrize("target_kind", ["label", "onehot"])
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("batch", [False, True])
+def test_in_range_ignore_index_drops_the_channel_monai_keeps(
+    make_case, parity_record, target_kind, include_background, batch
+):
+    """Departure: ignore_index=2 drops channel 2; every other per-class value equals MONAI's."""
+    x, labels = make_case(SHAPES["3d"])
+    kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", softmax=True, batch=batch,
+              ignore_index=2, reduction="none")  # fmt: skip
+    y = _target(labels, 4, target_kind)
+    ours = DicePlusLoss(**kw)
+    theirs = ML.DiceLoss(**kw)
+    kept = [k for k in range(0 if include_background else 1, 4) if k != 2]
+    columns = [k - (0 if include_background else 1) for k in kept]
+
+    def theirs_kept(a, b):
+        v = theirs(a, b)
+        v = v.reshape(v.shape[: 1 if batch else 2])
+        return v[..., columns]
+
+    assert ours(x, y).shape[-1] == len(kept) == theirs(x, y).shape[1 if not batch else 0] - 1
+    _assert_parity(parity_record, "DiceLoss in-range ignore", ours, theirs_kept, x, y)
+
+
+def test_parity_grid_size():
+    """The grids above are what the closing note counts; keep them from silently shrinking."""
+    sizes = [len(DICE_CORE_GRID), len(DICE_WEIGHT_IGNORE_GRID), len(DICE_CE_GRID), len(GDL_GRID)]
+    assert sizes == [384, 432, 192, 288]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. extensions against tests/reference.py
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _assert_matches_reference(ours, ref, x, y, atol=1e-9):
+    a, ga = _value_and_grad(ours, x, y)
+    b, gb = _value_and_grad(ref, x, y)
+    assert a.shape == b.shape
+    torch.testing.assert_close(a, b.to(a.dtype), atol=atol, rtol=1e-7)
+    torch.testing.assert_close(ga, gb.to(ga.dtype), atol=atol, rtol=1e-7)
+
+
+GDL_EXT_GRID = list(
+    itertools.product((False, True), (False, True), ("square", "simple", "uniform"), (True, False),
+                      ("max", "zero", 0.3), (False, True))
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("squared_pred,jaccard,w_type,normalize_weights,absent_weight,batch", GDL_EXT_GRID)
+def test_gdl_extensions_match_reference(
+    make_case, squared_pred, jaccard, w_type, normalize_weights, absent_weight, batch
+):
+    x, y = make_case(SHAPES["3d"])
+    kw = dict(to_onehot_y=True, softmax=True, squared_pred=squared_pred, jaccard=jaccard, w_type=w_type,
+              normalize_weights=normalize_weights, absent_weight=absent_weight, batch=batch,
+              reduction="none")  # fmt: skip
+
+    def ref(a, b):
+        return R.generalized_dice_loss(a, b, **kw)
+
+    _assert_matches_reference(GeneralizedDicePlusLoss(**kw), ref, x, y)
+
+
+def _weight_for(kind, c):
+    return {None: None, "short": _class_weight(c - 1), "full": _class_weight(c)}[kind]
+
+
+WEIGHT_IGNORE_GRID = [
+    combo
+    for combo in itertools.product(("dice", "gdl"), (True, False), ("label", "onehot"), (None, "short", "full"),
+                                   (None, 255, -1, 2, 0), (0.0, 0.5))  # fmt: skip
+    if not (combo[3] == "short" and combo[1])  # length C-1 exists only without background
+]
+
+
+@pytest.mark.parametrize("loss_name,include_background,target_kind,weight,ignore_index,lambda_ce", WEIGHT_IGNORE_GRID)
+def test_weight_ignore_index_and_ce_match_reference(
+    make_case, loss_name, include_background, target_kind, weight, ignore_index, lambda_ce
+):
+    """Static weights (both lengths), ignore_index outside and inside [0, C) (channel dropped), Dice/GDL + CE."""
+    x, labels = make_case(SHAPES["2d"])
+    c = x.shape[1]
+    if ignore_index is not None and not 0 <= ignore_index < c:
+        labels = _with_ignored(labels, ignore_index)
+    y = _target(labels, c, target_kind)
+    kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", softmax=True,
+              weight=_weight_for(weight, c), ignore_index=ignore_index,
+              lambda_ce=lambda_ce)  # fmt: skip
+    cls, fn = (DicePlusLoss, R.dice_loss) if loss_name == "dice" else (GeneralizedDicePlusLoss, R.generalized_dice_loss)
+
+    def ref(a, b):
+        return fn(a, b, **kw)
+
+    _assert_matches_reference(cls(**kw), ref, x, y)
+
+
+@pytest.mark.parametrize("loss_name", ["dice", "gdl"])
+@pytest.mark.parametrize("ignore_index", [255, -1, 2])
+def test_sigmoid_ce_is_per_channel_bce_matching_reference(make_case, loss_name, ignore_index):
+    """Departure: sigmoid with C > 1 and lambda_ce > 0 gives per-channel BCE (pos_weight = class weight)."""
+    x, labels = make_case(SHAPES["2d"])
+    if not 0 <= ignore_index < x.shape[1]:
+        labels = _with_ignored(labels, ignore_index)
+    kw = dict(to_onehot_y=True, sigmoid=True, ignore_index=ignore_index, lambda_ce=0.8, weight=_class_weight(3))
+    cls, fn = (DicePlusLoss, R.dice_loss) if loss_name == "dice" else (GeneralizedDicePlusLoss, R.generalized_dice_loss)
+
+    def ref(a, b):
+        return fn(a, b, **kw)
+
+    _assert_matches_reference(cls(**kw), ref, x, labels)
+
+
+@pytest.mark.parametrize("loss_cls", [DicePlusLoss, GeneralizedDicePlusLoss])
+@pytest.mark.parametrize("ignore_index", [255, -1, 2])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_lambda_ce_is_dice_plus_torch_cross_entropy(make_case, loss_cls, ignore_index, label_smoothing):
+    x, labels = make_case(SHAPES["3d"])
+    if not 0 <= ignore_index < x.shape[1]:
+        labels = _with_ignored(labels, ignore_index)
+    w = _class_weight(x.shape[1])
+    kw = dict(to_onehot_y=True, softmax=True, ignore_index=ignore_index, weight=w)
+    lam = 0.7
+    combined = loss_cls(lambda_ce=lam, label_smoothing=label_smoothing, **kw)(x, labels)
+    dice = loss_cls(**kw)(x, labels)
+    ce = F.cross_entropy(x, labels[:, 0], weight=w, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    torch.testing.assert_close(combined, dice + lam * ce)
+    # lambda_dice scales the Dice part only
+    scaled = loss_cls(lambda_dice=0.25, lambda_ce=lam, label_smoothing=label_smoothing, **kw)(x, labels)
+    torch.testing.assert_close(scaled, 0.25 * dice + lam * ce)
+
+
+@pytest.mark.parametrize("loss_cls", [DicePlusLoss, GeneralizedDicePlusLoss])
+def test_sigmoid_ce_is_bce_with_logits(make_case, loss_cls):
+    x, labels = make_case(SHAPES["2d"])
+    y = R.one_hot(labels[:, 0], 3)
+    w = _class_weight(3)
+    combined = loss_cls(sigmoid=True, lambda_ce=0.5, weight=w)(x, y)
+    dice = loss_cls(sigmoid=True, weight=w)(x, y)
+    bce = F.binary_cross_entropy_with_logits(x, y, pos_weight=w.reshape(3, 1, 1))
+    torch.testing.assert_close(combined, dice + 0.5 * bce)
+    if loss_cls is DicePlusLoss:  # departure: MONAI's DiceCELoss takes softmax CE here
+        monai_value = ML.DiceCELoss(sigmoid=True, lambda_ce=0.5, weight=w)(x, y)
+        assert abs(float(monai_value.detach()) - float(combined.detach())) > 1e-3
+
+
+@pytest.mark.parametrize("loss_cls", [DicePlusLoss, GeneralizedDicePlusLoss])
+@pytest.mark.parametrize("ignore_index", [255, -1])
+@pytest.mark.parametrize("lambda_ce", [0.0, 0.5])
+@pytest.mark.parametrize("batch", [False, True])
+def test_ignore_index_outside_range_equals_removing_the_voxels(make_case, loss_cls, ignore_index, lambda_ce, batch):
+    """The same voxels ignored in every sample: flatten to (B, C, N), drop those columns, no ignore_index."""
+    x, labels = make_case(SHAPES["3d"])
+    b, c = x.shape[:2]
+    ignored = torch.rand(labels.shape[2:], generator=torch.Generator().manual_seed(5)) < 0.3
+    labels = labels.clone()
+    labels[:, :, ignored] = ignore_index
+    kw = dict(to_onehot_y=True, softmax=True, batch=batch, lambda_ce=lambda_ce)
+    with_ignore = loss_cls(ignore_index=ignore_index, **kw)(x, labels)
+    keep = ~ignored.reshape(-1)
+    removed = loss_cls(**kw)(x.reshape(b, c, -1)[:, :, keep], labels.reshape(b, 1, -1)[:, :, keep])
+    torch.testing.assert_close(with_ignore, removed)
+    assert keep.sum() < keep.numel()  # something was actually removed
+
+
+@pytest.mark.parametrize("loss_cls", [DicePlusLoss, GeneralizedDicePlusLoss])
+@pytest.mark.parametrize("include_background", [True, False])
+def test_ignore_index_inside_range_equals_removing_voxels_and_channel(make_case, loss_cls, include_background):
+    """ignore_index=2: its voxels are removed and channel 2 is dropped after the softmax."""
+    x, labels = make_case(SHAPES["3d"])
+    b, c = x.shape[:2]
+    kw = dict(include_background=include_background, reduction="sum")
+    with_ignore = loss_cls(to_onehot_y=True, softmax=True, ignore_index=2, **kw)(x, labels)
+    p = torch.softmax(x, 1).reshape(b, c, -1)
+    flat = labels.reshape(b, 1, -1)
+    keep_ch = [k for k in range(c) if k != 2]
+    relabel = torch.tensor([0, 1, -1, 2])  # class 3 becomes channel 2
+    parts = []
+    for i in range(b):  # the ignored set differs per sample: one sample at a time
+        keep = flat[i, 0] != 2
+        pi = p[i : i + 1][:, keep_ch][:, :, keep]
+        yi = relabel[flat[i : i + 1][:, :, keep]]
+        parts.append(loss_cls(to_onehot_y=True, **kw)(pi, yi))
+    torch.testing.assert_close(with_ignore, sum(parts))
+
+
+def test_gdl_128_cubed_wrong_prediction_scores_near_one():
+    """A completely wrong prediction at 128^3 with w_type='square': ~1.0 with our default; MONAI gives ~0.46."""
+    n = 128
+    slab = (torch.arange(n) * 3 // n).reshape(n, 1, 1).expand(n, n, n)
+    labels = slab.reshape(1, 1, n, n, n)
+    wrong = R.one_hot((labels[:, 0] + 1) % 3, 3, torch.float32)  # every voxel predicted as another class
+    ours = float(GeneralizedDicePlusLoss(to_onehot_y=True)(wrong, labels))
+    monai_value = float(ML.GeneralizedDiceLoss(to_onehot_y=True)(wrong, labels))
+    ours_unnormalised = float(GeneralizedDicePlusLoss(to_onehot_y=True, normalize_weights=False)(wrong, labels))
+    assert ours > 0.99
+    assert monai_value < 0.6
+    assert abs(ours_unnormalised - monai_value) < 1e-5  # normalize_weights=False reproduces MONAI, even here
+
+
+@pytest.mark.parametrize("normalize_weights", [True, False])
+@pytest.mark.parametrize("target_kind", ["label", "onehot"])
+def test_gdl_empty_sample_penalises_false_positives(normalize_weights, target_kind):
+    """Departure: a sample with no included class present still penalises confident false positives."""
+    x = torch.zeros(2, 3, 6, 6, dtype=torch.float64)
+    x[:, 1] = 8.0  # confident foreground everywhere
+    x.requires_grad_(True)
+    labels = torch.zeros(2, 1, 6, 6, dtype=torch.long)  # background only
+    y = _target(labels, 3, target_kind)
+    kw = dict(include_background=False, to_onehot_y=target_kind == "label", softmax=True)
+    ours = GeneralizedDicePlusLoss(normalize_weights=normalize_weights, **kw)(x, y)
+    (grad,) = torch.autograd.grad(ours, x)
+    assert 0.99 < float(ours.detach()) <= 1.0
+    assert float(grad.abs().max()) > 0
+    expected = R.generalized_dice_loss(x, y, normalize_weights=normalize_weights, **kw)
+    torch.testing.assert_close(ours, expected)
+    # MONAI: zero loss and zero gradient, so the false positives are never penalised
+    xm = x.detach().clone().requires_grad_(True)
+    theirs = ML.GeneralizedDiceLoss(**kw)(xm, y)
+    theirs.backward()
+    assert float(theirs) == pytest.approx(0.0, abs=1e-6)
+    assert float(xm.grad.abs().max()) == 0.0
+
+
+def test_gdl_empty_sample_with_empty_prediction_scores_zero():
+    probs = torch.zeros(1, 3, 5, 5, dtype=torch.float64)
+    probs[:, 0] = 1.0
+    labels = torch.zeros(1, 1, 5, 5, dtype=torch.long)
+    value = GeneralizedDicePlusLoss(include_background=False, to_onehot_y=True)(probs, labels)
+    assert float(value) == pytest.approx(0.0, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. reduction="none" shapes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dims", SHAPES)
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("include_background,ignore_index,kept", [(True, None, 0), (False, None, 1), (False, 2, 2)])
+def test_reduction_none_shapes(make_case, dims, batch, include_background, ignore_index, kept):
+    x, y = make_case(SHAPES[dims])
+    b, c = x.shape[:2]
+    kw = dict(include_background=include_background, to_onehot_y=True, softmax=True, batch=batch,
+              ignore_index=ignore_index, reduction="none")  # fmt: skip
+    dice = DicePlusLoss(**kw)(x, y)
+    gdl = GeneralizedDicePlusLoss(**kw)(x, y)
+    c_kept = c - kept
+    assert dice.shape == ((c_kept,) if batch else (b, c_kept))
+    assert gdl.shape == (() if batch else (b,))
+    # the mean of the per-class values is the default reduction
+    torch.testing.assert_close(dice.mean(), DicePlusLoss(**{**kw, "reduction": "mean"})(x, y))
+    torch.testing.assert_close(gdl.sum(), GeneralizedDicePlusLoss(**{**kw, "reduction": "sum"})(x, y))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. numerics
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _scenario(name: str):
+    """(logits, target, extra kwargs) for the awkward inputs of DESIGN.md "Numerics and bad input"."""
+    g = torch.Generator().manual_seed(11)
+    x = 3.0 * torch.randn(2, 4, 5, 5, 5, generator=g, dtype=torch.float32)
+    labels = torch.randint(0, 4, (2, 1, 5, 5, 5), generator=g)
+    if name == "empty_classes":
+        return x, labels.clamp_max(1), {}
+    if name == "background_only":
+        return x, torch.zeros_like(labels), {}
+    if name == "all_ignored_255":
+        return x, torch.full_like(labels, 255), {"ignore_index": 255}
+    if name == "all_ignored_in_range":
+        return x, torch.full_like(labels, 2), {"ignore_index": 2}
+    if name == "batch_size_1":
+        return x[:1], labels[:1], {}
+    raise AssertionError(name)
+
+
+SCENARIOS = ("empty_classes", "background_only", "all_ignored_255", "all_ignored_in_range", "batch_size_1")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("loss_cls", [DicePlusLoss, GeneralizedDicePlusLoss])
+@pytest.mark.parametrize(
+    "opts",
+    [{}, {"include_background": False}, {"squared_pred": True, "batch": True}, {"jaccard": True},
+     {"include_background": False, "batch": True, "jaccard": True, "squared_pred": True}],
+    ids=["default", "no_bg", "squared_batch", "jaccard", "all"],
+)  # fmt: skip
+@pytest.mark.parametrize("target_kind", ["label", "onehot"])
+def test_finite_and_in_unit_interval(scenario, loss_cls, opts, target_kind):
+    x, labels, extra = _scenario(scenario)
+    x.requires_grad_(True)
+    y = _target(labels, 4, target_kind).float() if target_kind == "onehot" else labels
+    # (label 255 one-hot encodes as an all-zero row: MONAI's "ignored voxel" for a one-hot target)
+    kw = dict(to_onehot_y=target_kind == "label", softmax=True, reduction="none", **opts, **extra)
+    if loss_cls is GeneralizedDicePlusLoss:
+        kw["w_type"] = "square"
+    value = loss_cls(**kw)(x, y)
+    value.sum().backward()
+    assert torch.isfinite(value).all()
+    assert (value >= 0).all() and (value <= 1).all()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("loss_cls", [DicePlusLoss, GeneralizedDicePlusLoss])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("target_kind", ["label", "onehot"])
+def test_half_precision_inputs_accumulate_in_float32(make_case, loss_cls, dtype, target_kind):
+    x64, labels = make_case(SHAPES["3d"])
+    x32 = x64.detach().float()
+    low = x32.to(dtype).requires_grad_(True)
+    y = _target(labels, 4, target_kind).to(dtype) if target_kind == "onehot" else labels
+    kw = dict(to_onehot_y=target_kind == "label", softmax=True, squared_pred=True, ignore_index=None)
+    loss = loss_cls(**kw)
+    value = loss(low, y)
+    value.backward()
+    assert value.dtype == torch.float32
+    assert low.grad.dtype == dtype and torch.isfinite(low.grad).all()
+    # the same numbers given as float32: float32-accurate
+    same_numbers = loss(low.detach().float(), y.float() if target_kind == "onehot" else y)
+    torch.testing.assert_close(value, same_numbers, atol=1e-6, rtol=0)
+    # and close to the unrounded float32 input
+    tol = 2e-2 if dtype is torch.bfloat16 else 2e-3
+    torch.testing.assert_close(value, loss(x32, y.float() if target_kind == "onehot" else y), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("loss_cls", [DicePlusLoss, GeneralizedDicePlusLoss])
+def test_one_channel_softmax_warns_and_stays_finite(loss_cls):
+    g = torch.Generator().manual_seed(2)
+    probs = torch.rand(2, 1, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y = (torch.rand(2, 1, 6, 6, generator=g) > 0.5).double()
+    with pytest.warns(UserWarning, match="single channel"):
+        value = loss_cls(softmax=True)(probs, y)
+    value.backward()
+    assert torch.isfinite(value) and 0.0 <= float(value) <= 1.0
+    assert torch.isfinite(probs.grad).all()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. bad input
+# --------------------------------------------------------------------------------------------------------------------
+
+BOTH = pytest.mark.parametrize("loss_cls", [DicePlusLoss, GeneralizedDicePlusLoss])
+
+
+@BOTH
+def test_shape_mismatch_names_both_shapes(loss_cls):
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"\(2, 3, 8, 7\).*\(2, 3, 8, 8\)"):
+        loss_cls()(x, torch.zeros(2, 3, 8, 7))
+    with pytest.raises(ValueError, match=r"\(2, 1, 8, 7\).*\(2, 3, 8, 8\)"):
+        loss_cls(to_onehot_y=True)(x, torch.zeros(2, 1, 8, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(2, 8, 8\).*\(2, 3, 8, 8\)"):
+        loss_cls(to_onehot_y=True)(x, torch.zeros(2, 8, 8, dtype=torch.long))
+
+
+@BOTH
+def test_wrong_channel_count(loss_cls):
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"3 channels.*\(2, 2, 8, 8\)"):
+        loss_cls()(x, torch.zeros(2, 2, 8, 8))
+    with pytest.raises(ValueError, match=r"to_onehot_y"):
+        loss_cls()(x, torch.zeros(2, 1, 8, 8))  # a label map without to_onehot_y
+
+
+@BOTH
+@pytest.mark.parametrize("bad,ignore_index", [(3, None), (-1, None), (7, 255), (255, -1)])
+def test_label_values_outside_range(loss_cls, bad, ignore_index):
+    x = torch.randn(2, 3, 4, 4)
+    y = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    y[1, 0, 2, 2] = bad
+    with pytest.raises(ValueError, match=rf"label values must lie in \[0, 3\).*{bad}"):
+        loss_cls(to_onehot_y=True, softmax=True, ignore_index=ignore_index)(x, y)
+
+
+@BOTH
+@pytest.mark.parametrize("include_background,length", [(True, 2), (True, 5), (False, 1), (False, 5)])
+def test_weight_of_wrong_length(loss_cls, include_background, length):
+    x = torch.randn(2, 4, 4, 4)
+    y = torch.randint(0, 4, (2, 1, 4, 4))
+    loss = loss_cls(to_onehot_y=True, include_background=include_background, weight=[0.5] * length)
+    with pytest.raises(ValueError, match=rf"`weight` must have one value per class.*got length {length}"):
+        loss(x, y)
+
+
+@pytest.mark.parametrize(
+    "loss_cls,kwargs,match",
+    [
+        (DicePlusLoss, {"reduction": "meen"}, r"`reduction`.*did you mean 'mean'"),
+        (GeneralizedDicePlusLoss, {"reduction": "sun"}, r"`reduction`.*did you mean 'sum'"),
+        (GeneralizedDicePlusLoss, {"w_type": "sqare"}, r"`w_type`.*did you mean 'square'"),
+        (GeneralizedDicePlusLoss, {"absent_weight": "maxx"}, r"`absent_weight`.*did you mean 'max'"),
+    ],
+)
+def test_unknown_option_strings_suggest(loss_cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        loss_cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"sigmoid": True, "softmax": True}, ValueError, "mutually exclusive"),
+        ({"softmax": True, "other_act": torch.tanh}, ValueError, "mutually exclusive"),
+        ({"other_act": "tanh"}, TypeError, "`other_act` must be None or callable"),
+        ({"reduction": "none", "lambda_ce": 0.5}, ValueError, r"reduction='none'.*lambda_ce"),
+        ({"weight": [1.0, -0.5, 1.0]}, ValueError, r"`weight`.*no less than 0"),
+        ({"weight": [1.0, float("nan")]}, ValueError, r"`weight`.*finite"),
+        ({"lambda_ce": -1.0}, ValueError, "`lambda_ce`"),
+        ({"lambda_dice": -1.0}, ValueError, "`lambda_dice`"),
+        ({"smooth_dr": -1.0}, ValueError, "`smooth_dr`"),
+        ({"label_smoothing": 1.5}, ValueError, "`label_smoothing`"),
+        ({"ignore_index": 2.5}, TypeError, "`ignore_index`"),
+    ],
+)
+@BOTH
+def test_constructor_errors_are_raised_at_construction(loss_cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        loss_cls(**kwargs)
+
+
+@pytest.mark.parametrize("value,error", [(-0.5, ValueError), (float("inf"), ValueError), (True, TypeError)])
+def test_absent_weight_bad_values(value, error):
+    with pytest.raises(error, match="`absent_weight`"):
+        GeneralizedDicePlusLoss(absent_weight=value)
+
+
+@BOTH
+def test_non_binary_one_hot_target_needs_soft_label(loss_cls):
+    x = torch.randn(2, 3, 4, 4)
+    y = R.one_hot(torch.randint(0, 3, (2, 4, 4)), 3, torch.float32)
+    y[0, :, 0, 0] = torch.tensor([0.5, 0.25, 0.25])
+    with pytest.raises(ValueError, match=r"`target` must be binary.*soft_label"):
+        loss_cls(softmax=True)(x, y)
+    assert torch.isfinite(loss_cls(softmax=True, soft_label=True)(x, y))
+
+
+@BOTH
+def test_nan_input_with_validate(loss_cls):
+    x = torch.randn(2, 3, 4, 4)
+    x[1, 2, 3, 3] = float("nan")
+    y = torch.randint(0, 3, (2, 1, 4, 4))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        loss_cls(to_onehot_y=True, softmax=True, validate=True)(x, y)
+    x[1, 2, 3, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        loss_cls(to_onehot_y=True, softmax=True, validate=True)(x, y)
+
+
+@BOTH
+def test_non_integer_label_map(loss_cls):
+    x = torch.randn(2, 3, 4, 4)
+    y = torch.zeros(2, 1, 4, 4)
+    y[0, 0, 1, 1] = 1.5
+    with pytest.raises(ValueError, match="integer"):
+        loss_cls(to_onehot_y=True, softmax=True)(x, y)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# module behaviour: buffers, no state change in forward, MetaTensor
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@BOTH
+def test_weight_is_a_buffer_and_forward_keeps_state(loss_cls):
+    loss = loss_cls(to_onehot_y=True, softmax=True, weight=0.5)
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    assert any(torch.equal(v, torch.tensor(0.5)) for v in before.values())
+    x = torch.randn(2, 4, 4, 4)
+    y = torch.randint(0, 4, (2, 1, 4, 4))
+    loss(x, y)
+    after = loss.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    loss.to(torch.float64)  # .to() converts and moves the weight with the module
+    assert [v.dtype for v in loss.state_dict().values()] == [torch.float64]
+
+
+@BOTH
+@pytest.mark.parametrize("target_kind", ["label", "onehot"])
+def test_metatensor_inputs(make_case, loss_cls, target_kind):
+    x, labels = make_case(SHAPES["3d"])
+    y = _target(labels, 4, target_kind)
+    loss = loss_cls(to_onehot_y=target_kind == "label", softmax=True, lambda_ce=0.3)
+    plain, plain_grad = _value_and_grad(loss, x, y)
+    mx = MetaTensor(x.detach().clone(), affine=torch.eye(4)).requires_grad_(True)
+    value = loss(mx, MetaTensor(y))
+    assert not isinstance(value, MetaTensor) and value.ndim == 0
+    value.backward()
+    torch.testing.assert_close(value.detach(), plain)
+    torch.testing.assert_close(mx.grad.as_tensor() if isinstance(mx.grad, MetaTensor) else mx.grad, plain_grad)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 6. GPU-readiness without a GPU: meta device, torch.compile, graph breaks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@BOTH
+@pytest.mark.parametrize("target_kind", ["label", "onehot"])
+@pytest.mark.parametrize("ignore_index", [None, 255, 2])
+@pytest.mark.parametrize("lambda_ce", [0.0, 0.5])
+def test_meta_device_forward_backward(loss_cls, target_kind, ignore_index, lambda_ce):
+    x = torch.empty(2, 4, 6, 6, 6, device="meta", requires_grad=True)
+    if target_kind == "label":
+        y = torch.empty(2, 1, 6, 6, 6, dtype=torch.long, device="meta")
+    else:
+        y = torch.empty(2, 4, 6, 6, 6, device="meta")
+    loss = loss_cls(to_onehot_y=target_kind == "label", softmax=True, ignore_index=ignore_index,
+                    lambda_ce=lambda_ce, weight=[0.2, 0.4, 0.6, 0.8])  # fmt: skip
+    value = loss(x, y)
+    value.backward()
+    assert value.device.type == "meta" and value.ndim == 0
+    assert x.grad is not None and x.grad.shape == x.shape and x.grad.device.type == "meta"
+
+
+COMPILE_CASES = [
+    (DicePlusLoss, dict(to_onehot_y=True, softmax=True, ignore_index=255, squared_pred=True, lambda_ce=0.5)),
+    (GeneralizedDicePlusLoss, dict(to_onehot_y=True, softmax=True, ignore_index=255, squared_pred=True)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_cls,kwargs", COMPILE_CASES, ids=["dice_ce", "gdl"])
+def test_torch_compile_fullgraph_matches_eager(make_case, loss_cls, kwargs):
+    torch._dynamo.reset()
+    x, labels = make_case(SHAPES["3d"], dtype=torch.float32)
+    labels = _with_ignored(labels, 255)
+    loss = loss_cls(**kwargs)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    eager_value, eager_grad = _value_and_grad(loss, x, labels)
+    value, grad = _value_and_grad(compiled, x, labels)
+    torch.testing.assert_close(value, eager_value, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, eager_grad, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss_cls,kwargs", COMPILE_CASES + [(GeneralizedDicePlusLoss, dict(sigmoid=True))],
+                         ids=["dice_ce", "gdl", "gdl_sigmoid_onehot"])  # fmt: skip
+def test_dynamo_explain_no_graph_breaks(make_case, loss_cls, kwargs):
+    torch._dynamo.reset()
+    x, labels = make_case(SHAPES["2d"], dtype=torch.float32)
+    y = labels if kwargs.get("to_onehot_y") else R.one_hot(labels[:, 0], 3, torch.float32)
+    explanation = torch._dynamo.explain(loss_cls(**kwargs))(x.detach(), y)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 7. gradcheck
+# --------------------------------------------------------------------------------------------------------------------
+
+GRADCHECK_CASES = {
+    "dice softmax label": (DicePlusLoss, dict(to_onehot_y=True, softmax=True), "label"),
+    "dice sigmoid onehot": (DicePlusLoss, dict(sigmoid=True), "onehot"),
+    "dice squared_pred": (DicePlusLoss, dict(to_onehot_y=True, softmax=True, squared_pred=True), "label"),
+    "dice jaccard batch": (DicePlusLoss, dict(to_onehot_y=True, softmax=True, jaccard=True, batch=True), "label"),
+    "dice ignore 255 + ce": (DicePlusLoss, dict(to_onehot_y=True, softmax=True, ignore_index=255, lambda_ce=0.5,
+                                                weight=[0.3, 0.6, 0.9]), "label"),  # fmt: skip
+    "dice sigmoid bce": (DicePlusLoss, dict(sigmoid=True, lambda_ce=0.5, weight=[0.3, 0.6, 0.9]), "onehot"),
+    "gdl square normalized": (GeneralizedDicePlusLoss, dict(to_onehot_y=True, softmax=True), "label"),
+    "gdl square raw": (GeneralizedDicePlusLoss, dict(to_onehot_y=True, softmax=True, normalize_weights=False), "label"),
+    "gdl squared jaccard": (GeneralizedDicePlusLoss, dict(to_onehot_y=True, softmax=True, squared_pred=True,
+                                                          jaccard=True), "label"),  # fmt: skip
+    "gdl ignore 2": (GeneralizedDicePlusLoss, dict(to_onehot_y=True, softmax=True, ignore_index=2), "label"),
+    "gdl sigmoid onehot + ce": (GeneralizedDicePlusLoss, dict(sigmoid=True, lambda_ce=0.5, w_type="simple"),
+                                "onehot"),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", GRADCHECK_CASES)
+def test_gradcheck(make_case, name):
+    loss_cls, kwargs, target_kind = GRADCHECK_CASES[name]
+    x, labels = make_case((2, 3, 3, 3), seed=4)
+    labels = labels.clone()
+    labels[0, 0, 0, 0] = 255 if kwargs.get("ignore_index") == 255 else labels[0, 0, 0, 0]
+    y = _target(labels, 3, target_kind)
+    loss = loss_cls(**kwargs)
+    assert torch.autograd.gradcheck(lambda t: loss(t, y), (x.detach().requires_grad_(True),))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 9. property tests
+# --------------------------------------------------------------------------------------------------------------------
+
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+def _draw_case(seed: int, b: int, c: int, side: int, scale: float = 3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = scale * torch.randn(b, c, side, side, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, c, (b, 1, side, side), generator=g)
+    return x, labels
+
+
+_loss_options = st.fixed_dictionaries(
+    {
+        "include_background": st.booleans(),
+        "squared_pred": st.booleans(),
+        "jaccard": st.booleans(),
+        "batch": st.booleans(),
+    }
+)
+
+
+def _make_loss(kind: str, opts: dict, **kw):
+    if kind == "dice":
+        return DicePlusLoss(**opts, **kw)
+    return GeneralizedDicePlusLoss(**opts, **kw)
+
+
+@PROPERTY
+@given(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 2),
+    c=st.integers(2, 4),
+    side=st.integers(2, 5),
+    kind=st.sampled_from(["dice", "gdl"]),
+    act=st.sampled_from(["softmax", "sigmoid"]),
+    opts=_loss_options,
+    w_type=st.sampled_from(["square", "simple", "uniform"]),
+    normalize=st.booleans(),
+)
+def test_property_unit_interval(seed, b, c, side, kind, act, opts, w_type, normalize):
+    x, labels = _draw_case(seed, b, c, side)
+    extra = {} if kind == "dice" else {"w_type": w_type, "normalize_weights": normalize}
+    value = _make_loss(kind, opts, to_onehot_y=True, reduction="none", **ACTS[act], **extra)(x, labels)
+    assert torch.isfinite(value).all()
+    assert (value >= 0).all() and (value <= 1).all()
+
+
+@PROPERTY
+@given(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 2),
+    c=st.integers(2, 4),
+    side=st.integers(2, 5),
+    kind=st.sampled_from(["dice", "gdl"]),
+    opts=_loss_options,
+)
+def test_property_perfect_prediction_is_zero(seed, b, c, side, kind, opts):
+    _, labels = _draw_case(seed, b, c, side)
+    probs = R.one_hot(labels[:, 0], c)
+    value = _make_loss(kind, opts, to_onehot_y=True, reduction="none")(probs, labels)
+    torch.testing.assert_close(value, torch.zeros_like(value), atol=1e-9, rtol=0)
+
+
+@PROPERTY
+@given(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 2),
+    c=st.integers(2, 4),
+    side=st.integers(2, 5),
+    kind=st.sampled_from(["dice", "gdl"]),
+    perm_seed=st.integers(0, 1000),
+    opts=st.fixed_dictionaries({"squared_pred": st.booleans(), "jaccard": st.booleans(), "batch": st.booleans()}),
+)
+def test_property_class_permutation_invariance(seed, b, c, side, kind, perm_seed, opts):
+    x, labels = _draw_case(seed, b, c, side)
+    perm = torch.randperm(c, generator=torch.Generator().manual_seed(perm_seed))
+    inverse = torch.argsort(perm)  # new channel j holds old channel perm[j], so old label k becomes inverse[k]
+    loss = _make_loss(kind, opts, include_background=True, to_onehot_y=True, softmax=True)
+    torch.testing.assert_close(loss(x[:, perm], inverse[labels]), loss(x, labels), atol=1e-10, rtol=1e-10)
+
+
+@PROPERTY
+@given(
+    seed=st.integers(0, 2**16),
+    c=st.integers(1, 4),
+    scale=st.sampled_from([1e-3, 1.0, 30.0, 1e3]),
+    kind=st.sampled_from(["dice", "gdl"]),
+    act=st.sampled_from(["softmax", "sigmoid"]),
+    lambda_ce=st.sampled_from([0.0, 1.0]),
+    opts=_loss_options,
+)
+def test_property_finite_gradients(seed, c, scale, kind, act, lambda_ce, opts):
+    x, labels = _draw_case(seed, 2, max(c, 2), 4, scale=scale)
+    x = x[:, :c].detach().requires_grad_(True)
+    if c == 1:
+        y = (labels > 0).double()
+        kw = {"sigmoid": True}
+    else:
+        y = labels
+        kw = {"to_onehot_y": True, **ACTS[act]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # one channel: include_background=False is ignored
+        value = _make_loss(kind, opts, lambda_ce=lambda_ce, **kw)(x, y)
+    (grad,) = torch.autograd.grad(value, x)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 10. the label-map path never builds a dense one-hot
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _forbid_one_hot(monkeypatch):
+    import monai.losses.dice
+    import monai.networks
+    import monai.networks.utils
+
+    import monai_gdl_plus.functional
+    import monai_gdl_plus.losses
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a dense one-hot was requested")
+
+    monkeypatch.setattr(torch.nn.functional, "one_hot", boom)
+    monkeypatch.setattr(monai.networks.utils, "one_hot", boom)
+    monkeypatch.setattr(monai.networks, "one_hot", boom)
+    monkeypatch.setattr(monai.losses.dice, "one_hot", boom)
+    for module in (monai_gdl_plus.functional, monai_gdl_plus.losses):
+        monkeypatch.setattr(module, "one_hot", boom, raising=False)
+
+
+LABEL_PATH_LOSSES = [
+    DicePlusLoss(to_onehot_y=True, softmax=True),
+    DicePlusLoss(to_onehot_y=True, softmax=True, ignore_index=255, lambda_ce=0.5, squared_pred=True),
+    DicePlusLoss(to_onehot_y=True, sigmoid=True, ignore_index=2, lambda_ce=0.5),
+    GeneralizedDicePlusLoss(to_onehot_y=True, softmax=True, ignore_index=255, lambda_ce=0.5),
+    GeneralizedDicePlusLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True),
+]
+
+
+@pytest.mark.parametrize("loss", LABEL_PATH_LOSSES, ids=lambda m: type(m).__name__)
+def test_label_map_path_calls_no_one_hot(make_case, monkeypatch, loss):
+    x, labels = make_case(SHAPES["3d"])
+    labels = _with_ignored(labels, 255)
+    if loss.options["ignore_index"] != 255:
+        labels = labels.clamp_max(3)
+    _forbid_one_hot(monkeypatch)
+    loss(x, labels).backward()
+    # control: the patch does catch MONAI's one-hot
+    with pytest.raises(AssertionError, match="dense one-hot"):
+        ML.DiceLoss(to_onehot_y=True, softmax=True)(x, labels.clamp_max(3))
+
+
+class _DenseOneHotDetector(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records aten ops whose output has at least B*C*N elements and is integer/bool or comes from one_hot, or,
+    with ``scatter=True``, from a scatter (the forward pass; backward legitimately scatters the dense gradient)."""
+
+    def __init__(self, dense_numel: int, scatter: bool = True):
+        super().__init__()
+        self.dense_numel = dense_numel
+        self.scatter = scatter
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(t, torch.Tensor) or t.numel() < self.dense_numel:
+                continue
+            if not t.is_floating_point() or "one_hot" in name or (self.scatter and "scatter" in name):
+                self.found.append(f"{name} -> {tuple(t.shape)} {t.dtype}")
+        return out
+
+
+@pytest.mark.parametrize("loss", LABEL_PATH_LOSSES, ids=lambda m: type(m).__name__)
+def test_label_map_path_makes_no_dense_integer_or_scattered_tensor(make_case, loss):
+    x, labels = make_case(SHAPES["3d"])
+    labels = _with_ignored(labels, 255)
+    if loss.options["ignore_index"] != 255:
+        labels = labels.clamp_max(3)
+    with _DenseOneHotDetector(x.numel()) as forward:
+        value = loss(x, labels)
+    with _DenseOneHotDetector(x.numel(), scatter=False) as backward:
+        value.backward()
+    assert forward.found == [] and backward.found == []
+    # control: MONAI's one-hot path is seen by the same detector
+    with _DenseOneHotDetector(x.numel()) as control:
+        ML.DiceLoss(to_onehot_y=True, softmax=True)(x, labels.clamp(0, 3))
+    assert control.found
