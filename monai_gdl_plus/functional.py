@@ -755,12 +755,10 @@ def _loss_parts(
     if prep.labels is not None and (softmax or o["sigmoid"]) and not torch.compiler.is_compiling():
         fuse_ce = want_ce and softmax and o["label_smoothing"] == 0
         ce_wx = None if ce_w is None else ce_w.to(device=x.device, dtype=prep.probs.dtype)
-        inter, psum, nll = fused_label_terms(
+        inter, psum, tsum, nll = fused_label_terms(
             prep.probs, prep.labels, prep.mask, softmax=softmax, squared=o["squared_pred"], ce_weight=ce_wx,
             with_ce=fuse_ce,
         )  # fmt: skip
-        counted = prep.mask if prep.mask is not None else torch.ones_like(prep.labels, dtype=inter.dtype)
-        tsum = _scatter_sum(counted, prep.labels, num_ch, inter.dtype)
         if fuse_ce:
             ce = nll if o["reduction"] == "sum" else nll / _ce_count(prep, ce_wx)
         terms, vol = _select(DiceTerms(inter, psum, tsum), tsum, prep.keep)

@@ -47,14 +47,20 @@ def _forward_chunks(
     """Activation ``p`` written chunk by chunk into one buffer, plus what the terms need while a chunk is hot.
 
     Returns ``p`` (B, C, N), the true-class probability (B, N), the masked prediction sums (B, C) accumulated in
-    float64, and the log-sum-exp per voxel (B, N) for the CE term (or None). Going over the voxels in cache-sized
-    chunks beats ``torch.softmax`` over the channel axis on CPU and yields ``lse = max + log(sum)`` for free.
+    float64, the log-sum-exp per voxel (B, N) for the CE term (or None), and on accelerators the masked
+    intersection and target volume (B, C) (else None: the CPU takes them by scatter-add, which on a GPU would
+    serialise on C atomic counters). Going over the voxels in cache-sized chunks beats ``torch.softmax`` over
+    the channel axis on CPU and yields ``lse = max + log(sum)`` for free.
     """
     b, c, n = x.shape
     p = torch.empty((b, c, n), dtype=dtype, device=x.device)
     true_p = torch.empty((b, n), dtype=dtype, device=x.device)
     psum = torch.zeros((b, c), dtype=torch.float64, device=x.device)
     lse = torch.empty((b, n), dtype=dtype, device=x.device) if with_lse else None
+    by_compare = x.device.type != "cpu"
+    inter = torch.zeros((b, c), dtype=torch.float64, device=x.device) if by_compare else None
+    tsum = torch.zeros((b, c), dtype=torch.float64, device=x.device) if by_compare else None
+    classes = torch.arange(c, device=x.device)[:, None] if by_compare else None
     step = _step(p)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
@@ -71,9 +77,18 @@ def _forward_chunks(
             pc.copy_(xc).sigmoid_()
         true_p[:, lo:hi] = pc.gather(1, labels[:, None, lo:hi]).squeeze(1)
         qc = pc * pc if squared else pc
-        part = qc.sum(-1) if mask is None else torch.bmm(qc, mask[:, lo:hi, None]).squeeze(-1)
-        psum += part
-    return p, true_p, psum.to(dtype), lse
+        psum += qc.sum(-1) if mask is None else torch.bmm(qc, mask[:, lo:hi, None]).squeeze(-1)
+        if by_compare:  # class membership of this chunk only: (B, C, chunk), never the whole volume
+            member = labels[:, None, lo:hi] == classes
+            hit = torch.where(member, pc, 0.0)
+            counted = member.to(dtype)
+            if mask is None:
+                inter += hit.sum(-1)
+                tsum += counted.sum(-1)
+            else:
+                inter += torch.bmm(hit, mask[:, lo:hi, None]).squeeze(-1)
+                tsum += torch.bmm(counted, mask[:, lo:hi, None]).squeeze(-1)
+    return p, true_p, psum.to(dtype), lse, inter, tsum
 
 
 class _FusedLabelTerms(torch.autograd.Function):
@@ -81,11 +96,14 @@ class _FusedLabelTerms(torch.autograd.Function):
     def forward(ctx, x, labels, mask, ce_weight, softmax: bool, squared: bool, with_ce: bool):  # noqa: D102
         dtype = torch.promote_types(x.dtype, torch.float32)
         b, c = x.shape[:2]
-        p, true_p, psum, lse = _forward_chunks(x, labels, mask, softmax, squared, dtype, with_ce)
-        w_true_p = true_p if mask is None else true_p * mask
-        # float64 accumulation: scatter_add sums sequentially, float32 would drift on large volumes
-        inter = torch.zeros(b, c, dtype=torch.float64, device=x.device)
-        inter = inter.scatter_add_(1, labels, w_true_p.to(torch.float64)).to(dtype)
+        p, true_p, psum, lse, inter, tsum = _forward_chunks(x, labels, mask, softmax, squared, dtype, with_ce)
+        if inter is None:
+            # float64 accumulation: scatter_add sums sequentially, float32 would drift on large volumes
+            w_true_p = true_p if mask is None else true_p * mask
+            inter = torch.zeros(b, c, dtype=torch.float64, device=x.device).scatter_add_(1, labels, w_true_p.double())
+            counted = torch.ones_like(true_p) if mask is None else mask
+            tsum = torch.zeros(b, c, dtype=dtype, device=x.device).scatter_add_(1, labels, counted.to(dtype))
+        inter, tsum = inter.to(dtype), tsum.to(dtype)
         nll = torch.zeros((), dtype=dtype, device=x.device)
         if with_ce:
             logp_t = x.gather(1, labels[:, None]).squeeze(1).to(dtype) - lse
@@ -96,16 +114,17 @@ class _FusedLabelTerms(torch.autograd.Function):
         # buffer as the gradient without a copy
         ctx.p = p
         ctx.flags = (softmax, squared, with_ce)
-        return inter, psum, nll
+        ctx.mark_non_differentiable(tsum)
+        return inter, psum, tsum, nll
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_inter, g_psum, g_nll):  # noqa: D102
+    def backward(ctx, g_inter, g_psum, _g_tsum, g_nll):  # noqa: D102
         x, labels, mask, ce_weight, true_p = ctx.saved_tensors
         softmax, squared, with_ce = ctx.flags
         p, ctx.p = ctx.p, None
         if p is None:  # a second backward: the first one turned the saved activation into its gradient
-            p = _forward_chunks(x, labels, mask, softmax, False, true_p.dtype, False)[0]
+            p = _forward_chunks(x, labels, mask, softmax, False, true_p.dtype, False)[0]  # same rounding as forward
         grad = _backward_in_place(
             p, labels, mask, ce_weight, true_p, g_inter, g_psum, g_nll, softmax, squared, with_ce
         )
@@ -179,8 +198,9 @@ def fused_label_terms(
     squared: bool = False,
     ce_weight: torch.Tensor | None = None,
     with_ce: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Intersection (B, C), prediction sum (B, C) and summed softmax NLL (0-d; 0 unless ``with_ce``).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Intersection, prediction sum, target volume (each (B, C); the last without gradient) and the summed
+    softmax NLL (0-d; 0 unless ``with_ce``).
 
     Args:
         x: logits (B, C, N), any float dtype (sums in float32 or float64).
