@@ -567,8 +567,8 @@ def gdl_weights(
 
     Order: volume weights (``1/V**2``, ``1/V`` or 1), then the absent-class policy (classes with ``V == 0`` get
     the largest present weight, zero, or a given raw weight), then -- if no class of the sample is present at
-    all -- uniform weights 1 so false positives are still penalised, then x ``static_weight``, then division by
-    the sum over classes when ``normalize``.
+    all -- uniform weights 1 (kept finite; such a sample is scored by :func:`generalized_dice_from_terms`' empty
+    rule), then x ``static_weight``, then division by the sum over classes when ``normalize``.
     """
     v = volumes.detach().to(torch.float64)
     present = v > 0
@@ -608,6 +608,11 @@ def generalized_dice_from_terms(
 ) -> torch.Tensor:
     """Generalised Dice loss ``1 - (2 sum_c w_c I_c + smooth_nr) / (sum_c w_c (P_c + G_c) + smooth_dr)``.
 
+    Empty rule: a sample in which no class is present (every ``V_c = 0``) has ``I = G = 0``, where any Dice form
+    saturates near 1 with a vanishing gradient (MONAI: 0 with zero gradient). It is scored instead as the soft
+    count of false-positive voxels ``S = sum_c P_c`` against one voxel: ``S / (S + 1)`` -- 0 for an empty
+    prediction, 0.5 for one confidently wrong voxel, towards 1 for more, with gradient ``1 / (S + 1)**2``.
+
     Args:
         terms: per-class terms with classes on the last axis, (B, C) or (C,).
         volumes: true volumes ``sum(g)`` of the same shape (the weights' input).
@@ -618,7 +623,10 @@ def generalized_dice_from_terms(
     w = gdl_weights(volumes, w_type, absent_weight, static_weight, normalize_weights).to(terms.intersection.dtype)
     inter = (w * terms.intersection).sum(-1)
     denom = (w * (terms.pred_sum + terms.target_sum)).sum(-1)
-    return _ratio(inter, denom, smooth_nr, smooth_dr, jaccard)
+    f = _ratio(inter, denom, smooth_nr, smooth_dr, jaccard)
+    empty = ~(volumes > 0).any(-1)
+    fp = terms.pred_sum.sum(-1).clamp_min(0.0)
+    return torch.where(empty, fp / (fp + 1.0), f)
 
 
 # --------------------------------------------------------------------------------------------------------------------

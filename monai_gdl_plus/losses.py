@@ -131,13 +131,15 @@ class GeneralizedDicePlusLoss(_DiceFamilyLoss):
     ``1/V_c`` (``"simple"``) or 1 (``"uniform"``).
 
     Weights, in this order: volume weights; absent classes (``V_c = 0``) get ``absent_weight`` (``"max"``: the
-    largest weight among present classes, MONAI/NiftyNet behaviour; ``"zero"``; or a float raw weight); a sample
-    in which *no* included class is present gets uniform weights, so its loss is
-    ``1 - smooth_nr / (sum_c P_c + smooth_dr)``: 0 for an empty prediction, close to 1 for confident false
-    positives, with a non-zero gradient (MONAI returns 0 with zero gradient there); then x static ``weight``;
-    then, with ``normalize_weights=True`` (default), division by their sum over classes so the smoothing terms
-    keep their intended size at any volume. ``normalize_weights=False`` reproduces MONAI's values exactly, except
-    for the empty-sample rule above and the departures listed in :class:`DicePlusLoss`.
+    largest weight among present classes, MONAI/NiftyNet behaviour; ``"zero"``; or a float raw weight); then
+    x static ``weight``; then, with ``normalize_weights=True`` (default), division by their sum over classes so
+    the smoothing terms keep their intended size at any volume. ``normalize_weights=False`` reproduces MONAI's
+    values exactly, except for the empty-sample rule and the departures listed in :class:`DicePlusLoss`.
+
+    Empty-sample rule: a sample in which *no* included class is present is scored as the soft count of
+    false-positive voxels ``S = sum_c P_c`` against one voxel, ``S / (S + 1)``: 0 for an empty prediction, 0.5
+    for one confidently wrong voxel, towards 1 for more, with gradient ``1 / (S + 1)**2`` (MONAI returns 0 with
+    zero gradient there, and any Dice form saturates with a vanishing gradient).
 
     Args:
         include_background, to_onehot_y, sigmoid, softmax, other_act, reduction, smooth_nr, smooth_dr, batch,

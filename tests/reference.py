@@ -316,6 +316,10 @@ def generalized_dice_loss(
         num = sum(w[j] * inter[i, k] for j, k in enumerate(keep))
         den = sum(w[j] * (psum[i, k] + gsum[i, k]) for j, k in enumerate(keep))
         f[i] = _ratio(num, den, smooth_nr, smooth_dr, jaccard)
+        if not any(float(vol[i, k]) > 0 for k in keep):
+            # empty rule: the soft count of false-positive voxels S against one voxel, S / (S + 1)
+            s_fp = sum(psum[i, k] for k in keep)
+            f[i] = s_fp / (s_fp + 1.0)
     if batch:
         f = f[0]
     out = lambda_dice * _reduce(f, reduction)

@@ -441,7 +441,7 @@ def test_gdl_empty_sample_penalises_false_positives(normalize_weights, target_ki
     kw = dict(include_background=False, to_onehot_y=target_kind == "label", softmax=True)
     ours = GeneralizedDicePlusLoss(normalize_weights=normalize_weights, **kw)(x, y)
     (grad,) = torch.autograd.grad(ours, x)
-    assert 0.99 < float(ours.detach()) <= 1.0
+    assert 0.95 < float(ours.detach()) <= 1.0  # 36 confident false-positive voxels: S / (S + 1) ~ 36 / 37
     assert float(grad.abs().max()) > 0
     expected = R.generalized_dice_loss(x, y, normalize_weights=normalize_weights, **kw)
     torch.testing.assert_close(ours, expected)
@@ -451,6 +451,20 @@ def test_gdl_empty_sample_penalises_false_positives(normalize_weights, target_ki
     theirs.backward()
     assert float(theirs) == pytest.approx(0.0, abs=1e-6)
     assert float(xm.grad.abs().max()) == 0.0
+
+
+def test_gdl_empty_sample_gradient_is_usable():
+    """The empty rule S / (S + 1) gives false positives a gradient of training size, not a smoothing residue."""
+    probs = torch.zeros(1, 3, 8, 8, dtype=torch.float64)
+    probs[:, 0] = 1.0
+    probs[0, :, 0, 0] = torch.tensor([0.0, 1.0, 0.0])  # one confidently wrong voxel
+    probs.requires_grad_(True)
+    labels = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    value = GeneralizedDicePlusLoss(include_background=False, to_onehot_y=True)(probs, labels)
+    (grad,) = torch.autograd.grad(value, probs)
+    assert float(value) == pytest.approx(0.5)  # S = 1 false-positive voxel: 1 / (1 + 1)
+    assert float(grad[0, 1, 0, 0]) == pytest.approx(0.25)  # d/dS S/(S+1) = 1/(S+1)^2
+    assert float(grad[0, 0].abs().max()) == 0.0  # background is not an included class
 
 
 def test_gdl_empty_sample_with_empty_prediction_scores_zero():
