@@ -520,23 +520,23 @@ def label_terms(
     t = target_labels.reshape(b, -1).long()
     valid = None if ignore_index is None else t != ignore_index
     if _checks_enabled(t) and t.device.type == "cpu":
-        ok_t = (t >= 0) & (t < num_classes)
-        if valid is not None:
-            ok_t = ok_t | ~valid
-        if not bool(ok_t.all()) or not bool(((p >= 0) & (p < num_classes)).all()):
+        lo_t, hi_t = torch.aminmax(t if valid is None else torch.where(valid, t, 0))
+        lo_p, hi_p = torch.aminmax(p)
+        if bool(lo_t < 0) or bool(hi_t >= num_classes) or bool(lo_p < 0) or bool(hi_p >= num_classes):
             raise ValueError(f"label values must lie in [0, {num_classes}) (or equal `ignore_index`={ignore_index}).")
-    # one extra bin per sample swallows ignored voxels
-    dump = num_classes
-    t_idx = t if valid is None else torch.where(valid, t, torch.full_like(t, dump))
-    p_idx = p if valid is None else torch.where(valid, p, torch.full_like(p, dump))
-    ones = torch.ones_like(t)
-    inter = _count(torch.where(p_idx == t_idx, t_idx, torch.full_like(t_idx, dump)), ones, num_classes)
-    return DiceTerms(inter, _count(p_idx, ones, num_classes), _count(t_idx, ones, num_classes))
-
-
-def _count(idx: torch.Tensor, ones: torch.Tensor, num_classes: int) -> torch.Tensor:
-    out = torch.zeros(idx.shape[0], num_classes + 1, dtype=torch.long, device=idx.device)
-    return out.scatter_add_(1, idx, ones)[:, :num_classes]
+    # one confusion count per sample: bin (b, t, p); ignored voxels go to one extra bin at the end
+    c = num_classes
+    bins = b * c * c
+    idx = (torch.arange(b, device=t.device)[:, None] * c + t) * c + p
+    if valid is not None:
+        idx = torch.where(valid, idx, bins)
+    idx = idx.reshape(-1)
+    if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+        counts = torch.bincount(idx, minlength=bins + 1)
+    else:  # bincount sizes its output from the data (a host sync on GPUs); a fixed-size scatter does not
+        counts = torch.zeros(bins + 1, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+    conf = counts[:bins].view(b, c, c)  # [sample, true class, predicted class]
+    return DiceTerms(conf.diagonal(dim1=1, dim2=2), conf.sum(1), conf.sum(2))
 
 
 # --------------------------------------------------------------------------------------------------------------------

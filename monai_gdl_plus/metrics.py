@@ -192,7 +192,9 @@ class PerClassDice(Metric):
             )
         clash = [self.class_names[c] for c in self.reported if self.class_names[c] == "mean"]
         if clash:
-            raise ValueError(f"`class_names` must not contain 'mean' (the key of the average), got {list(class_names or [])}.")
+            raise ValueError(
+                f"`class_names` must not contain 'mean' (the key of the average), got {list(class_names or [])}."
+            )
         super().__init__(output_transform=output_transform, device=device)
 
     @staticmethod
@@ -244,10 +246,13 @@ class PerClassDice(Metric):
         y_pred, y = output
         if isinstance(y_pred, (list, tuple)) or isinstance(y, (list, tuple)):
             if not isinstance(y_pred, (list, tuple)) or not isinstance(y, (list, tuple)) or len(y_pred) != len(y):
+
+                def describe(v: Any) -> str:
+                    return f"{type(v).__name__}" + (f" of length {len(v)}" if isinstance(v, (list, tuple)) else "")
+
                 raise ValueError(
                     "`y_pred` and `y` must both be tensors or both be lists of per-sample tensors of the same "
-                    f"length, got {type(y_pred).__name__} (len {len(y_pred) if isinstance(y_pred, (list, tuple)) else '-'}) "
-                    f"and {type(y).__name__} (len {len(y) if isinstance(y, (list, tuple)) else '-'})."
+                    f"length, got {describe(y_pred)} and {describe(y)}."
                 )
             for p, t in zip(y_pred, y):
                 self._check_tensor(p, "y_pred")
@@ -362,6 +367,13 @@ class PerClassDice(Metric):
             _check_integer(y_pred, "y_pred")
             pred_labels = y_pred.reshape(b, -1)
         true_labels = self._target_labels(y, true_kind)
+        if true_labels.device.type == "cuda":
+            # label_terms checks ranges on CPU only; here an asynchronous device assertion, no host sync
+            t = true_labels
+            ok = (t >= 0) & (t < self.num_classes)
+            if self.ignore_index is not None:
+                ok = ok | (t == self.ignore_index)
+            torch._assert_async(ok.all(), f"`y` label values must lie in [0, {self.num_classes}) or equal ignore_index")
         try:
             return tuple(label_terms(pred_labels, true_labels, self.num_classes, self.ignore_index))  # type: ignore
         except ValueError:
@@ -422,7 +434,8 @@ class PerClassDice(Metric):
         self._true_sum += tsum.sum(0)
         denom = psum + tsum
         defined = denom > 0
-        dice = torch.where(defined, 2.0 * tp.to(self._double_dtype) / denom.clamp_min(1), torch.zeros((), dtype=self._double_dtype, device=dev))
+        zero = torch.zeros((), dtype=self._double_dtype, device=dev)
+        dice = torch.where(defined, 2.0 * tp.to(self._double_dtype) / denom.clamp_min(1), zero)
         self._dice_sum += dice.sum(0)
         self._dice_count += defined.sum(0)
         self._num_samples += tp.shape[0]
