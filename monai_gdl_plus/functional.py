@@ -77,7 +77,8 @@ class Prepared(NamedTuple):
     """What :func:`prepare` returns.
 
     Attributes:
-        probs: activated prediction, float32 (or float64), shape (B, C, N) -- all C channels.
+        probs: activated prediction (B, C, N), all C channels, float32 or float64 (:func:`prepare`); inside the
+            losses, before the activation, the raw ``input`` viewed as (B, C, N) in its own dtype.
         labels: integer label map (B, N) with ignored voxels set to 0, or None for a dense target.
         target: dense target (B, C, N), or None for a label map.
         mask: (B, N) float, 1 = voxel counts, 0 = ignored; None without ``ignore_index``.
@@ -115,7 +116,7 @@ def check_weight(weight: Sequence[float] | float | int | torch.Tensor | None) ->
         raise TypeError(f"`weight` must be a number, a sequence of numbers or a tensor, got {weight!r}.") from e
     if w.ndim > 1:
         raise ValueError(f"`weight` must be a scalar or a 1-D sequence (one value per class), got shape {tuple(w.shape)}.")
-    if w.device.type != "meta" and (not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
+    if w.device.type == "cpu" and (not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
         raise ValueError(f"`weight` values must be finite and no less than 0, got {w.tolist()}.")
     return w
 
@@ -389,6 +390,11 @@ def _prepare_target(
     if mask is not None:
         mask = mask.to(dtype)
     keep = tuple(c for c in range(start, num_ch) if not (ignore_index is not None and c == ignore_index and num_ch > 1))
+    if not keep:
+        raise ValueError(
+            f"no class left to score: `input` has {num_ch} channels, include_background={include_background} and "
+            f"`ignore_index`={ignore_index} drop them all."
+        )
     return Prepared(input.reshape(b, num_ch, -1), labels, dense, mask, keep)
 
 
@@ -413,7 +419,7 @@ def _label_terms_soft(
     # float64 accumulation: scatter_add sums sequentially, float32 would drift on large volumes
     inter = _scatter_sum(true_p, labels, num_ch, torch.float64).to(probs.dtype)
     ones = mask if mask is not None else torch.ones_like(true_p)
-    tsum = _scatter_sum(ones, labels, num_ch, probs.dtype)
+    tsum = _scatter_sum(ones, labels, num_ch, torch.float64).to(probs.dtype)  # float32 stops counting at 2**24
     q = probs * probs if squared else probs
     psum = q.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", q, mask)
     return inter, psum, tsum
@@ -444,14 +450,20 @@ def _dense_terms(
     return inter, psum, tsum, vol
 
 
+def _dense(prep: Prepared) -> torch.Tensor:
+    """The dense target of a :class:`Prepared` (callers have checked that it is not a label map)."""
+    if prep.target is None:
+        raise ValueError("expected a dense (one-hot) target, got a label map.")
+    return prep.target
+
+
 def _terms_and_volumes(prep: Prepared, squared: bool, soft_label: bool) -> tuple[DiceTerms, torch.Tensor]:
     """Kept-channel terms and true volumes from an activated :class:`Prepared` (plain autograd path)."""
     if prep.labels is not None:
         inter, psum, tsum = _label_terms_soft(prep.probs, prep.labels, prep.mask, squared)
         vol = tsum
     else:
-        assert prep.target is not None
-        inter, psum, tsum, vol = _dense_terms(prep.probs, prep.target, prep.mask, squared, soft_label)
+        inter, psum, tsum, vol = _dense_terms(prep.probs, _dense(prep), prep.mask, squared, soft_label)
     return _select(DiceTerms(inter, psum, tsum), vol, prep.keep)
 
 
@@ -694,22 +706,24 @@ def cross_entropy_term(
         labels = prep.labels if prep.mask is None else torch.where(prep.mask > 0, prep.labels, -100)
         ce = F.cross_entropy(x, labels, weight=w, ignore_index=-100, label_smoothing=label_smoothing, reduction="sum")
         return ce if reduction == "sum" else ce / _ce_count(prep, w)
-    assert prep.target is not None
+    target = _dense(prep)
     if prep.mask is None:
-        return F.cross_entropy(x, prep.target, weight=w, label_smoothing=label_smoothing, reduction=reduction)
-    ce = F.cross_entropy(x, prep.target, weight=w, label_smoothing=label_smoothing, reduction="none") * prep.mask
+        return F.cross_entropy(x, target, weight=w, label_smoothing=label_smoothing, reduction=reduction)
+    ce = F.cross_entropy(x, target, weight=w, label_smoothing=label_smoothing, reduction="none") * prep.mask
     return ce.sum() if reduction == "sum" else ce.sum() / prep.mask.sum().clamp_min(1.0)
 
 
 def _ce_count(prep: Prepared, weight: torch.Tensor | None) -> torch.Tensor | int:
     """Denominator of a mean CE over a label map: the summed class weights of the counted voxels (as torch)."""
-    assert prep.labels is not None
+    if prep.labels is None:
+        raise ValueError("_ce_count needs a label-map target.")
     if weight is None and prep.mask is None:
         return prep.labels.numel()
-    wt = prep.mask if weight is None else weight.to(prep.probs.dtype)[prep.labels]
+    acc = torch.promote_types(prep.probs.dtype, torch.float32)
+    wt = prep.mask.to(acc) if weight is None else weight.to(acc)[prep.labels]
     if weight is not None and prep.mask is not None:
         wt = wt * prep.mask
-    return wt.sum().clamp_min(torch.finfo(wt.dtype).tiny)
+    return wt.sum().clamp_min(torch.finfo(acc).tiny)
 
 
 def _bce_term(x: torch.Tensor, prep: Prepared, pos_weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
@@ -721,8 +735,7 @@ def _bce_term(x: torch.Tensor, prep: Prepared, pos_weight: torch.Tensor | None, 
         pw_true = 1.0 if pw is None else pw.reshape(-1)[prep.labels] if pw.ndim else pw
         per_voxel = F.softplus(x).sum(1) + pw_true * F.softplus(-x_true) - F.softplus(x_true)
     else:
-        assert prep.target is not None
-        loss = F.binary_cross_entropy_with_logits(x, prep.target, pos_weight=pw, reduction="none")
+        loss = F.binary_cross_entropy_with_logits(x, _dense(prep), pos_weight=pw, reduction="none")
         per_voxel = loss.sum(1)
     num_ch = x.shape[1]
     if prep.mask is not None:
@@ -755,6 +768,8 @@ def _loss_parts(
     )  # fmt: skip
     num_ch = x.shape[1]
     dice_w, ce_w = split_weight(weight, num_ch, o["include_background"], prep.keep)
+    if num_ch - (0 if o["include_background"] or num_ch == 1 else 1) == 1:
+        dice_w = None  # as MONAI: no class weight on the Dice term when a single class is scored
     softmax = o["softmax"] and num_ch > 1
     if o["softmax"] and num_ch == 1:
         warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
@@ -762,7 +777,8 @@ def _loss_parts(
     ce = None
     if prep.labels is not None and (softmax or o["sigmoid"]) and not torch.compiler.is_compiling():
         fuse_ce = want_ce and softmax and o["label_smoothing"] == 0
-        ce_wx = None if ce_w is None else ce_w.to(device=x.device, dtype=prep.probs.dtype)
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 logits: weights and sums in float32
+        ce_wx = None if ce_w is None else ce_w.to(device=x.device, dtype=acc)
         inter, psum, tsum, nll = fused_label_terms(
             prep.probs, prep.labels, prep.mask, softmax=softmax, squared=o["squared_pred"], ce_weight=ce_wx,
             with_ce=fuse_ce,
@@ -855,7 +871,7 @@ def _dice_plus_loss(input: torch.Tensor, target: torch.Tensor, *, weight: torch.
     if o["batch"]:
         terms = DiceTerms(*(t.sum(0) for t in terms))
     f = dice_from_terms(terms, o["smooth_nr"], o["smooth_dr"], o["jaccard"])
-    if dice_w is not None and f.shape[-1] != 1:  # as MONAI: no class weight with a single kept class
+    if dice_w is not None:
         f = f * dice_w.to(f)
     return _combine(reduce_loss(f, o["reduction"]), ce, o["lambda_dice"], o["lambda_ce"])
 

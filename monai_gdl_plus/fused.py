@@ -102,7 +102,7 @@ class _FusedLabelTerms(torch.autograd.Function):
             w_true_p = true_p if mask is None else true_p * mask
             inter = torch.zeros(b, c, dtype=torch.float64, device=x.device).scatter_add_(1, labels, w_true_p.double())
             counted = torch.ones_like(true_p) if mask is None else mask
-            tsum = torch.zeros(b, c, dtype=dtype, device=x.device).scatter_add_(1, labels, counted.to(dtype))
+            tsum = torch.zeros(b, c, dtype=torch.float64, device=x.device).scatter_add_(1, labels, counted.double())
         inter, tsum = inter.to(dtype), tsum.to(dtype)
         nll = torch.zeros((), dtype=dtype, device=x.device)
         if with_ce:

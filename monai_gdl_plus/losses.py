@@ -16,17 +16,16 @@ class _DiceFamilyLoss(_Loss):
     """Shared construction: checks once, keeps ``weight`` as a buffer, shows its arguments in ``repr``."""
 
     class_weight: torch.Tensor | None
-
     options: dict
 
     def __init__(self, reduction: str, weight, options: dict) -> None:
         super().__init__(reduction=reduction)
         self.register_buffer("class_weight", GF.check_weight(weight))
+        self.options = options
 
     def extra_repr(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return shown if self.class_weight is None else f"{shown}, weight={self.class_weight.tolist()}"
-
 
 
 class DicePlusLoss(_DiceFamilyLoss):
@@ -116,7 +115,6 @@ class DicePlusLoss(_DiceFamilyLoss):
             lambda_ce=float(lambda_ce), label_smoothing=float(label_smoothing), validate=bool(validate),
         )  # fmt: skip
         super().__init__(opts["reduction"], weight, options)
-        self.options = options
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of ``input`` (logits or probabilities) against ``target``; see the class docstring for shapes."""
@@ -199,7 +197,6 @@ class GeneralizedDicePlusLoss(_DiceFamilyLoss):
             validate=bool(validate),
         )  # fmt: skip
         super().__init__(opts["reduction"], weight, options)
-        self.options = options
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of ``input`` (logits or probabilities) against ``target``; see the class docstring for shapes."""

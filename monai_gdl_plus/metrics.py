@@ -402,9 +402,10 @@ class PerClassDice(Metric):
             # one channel: any layout of y is the binary mask of that channel
             target = y.reshape(b, c, -1)
             target = target.to(dtype) if target.dtype != dtype else target
-            if target.device.type == "cpu" and not bool(((target == 0) | (target == 1)).all()):
-                raise ValueError("`y` must be binary (0/1 per channel) for activation='sigmoid', got other values.")
             mask = _dense_mask(target, ii)
+            counted = target if mask is None else target * mask[:, None]  # ignored voxels may hold any label
+            if target.device.type == "cpu" and not bool(((counted == 0) | (counted == 1)).all()):
+                raise ValueError("`y` must be binary (0/1 per channel) for activation='sigmoid', got other values.")
         else:
             _check_integer(y, "y")
             labels = y.reshape(b, -1).long()

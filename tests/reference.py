@@ -265,7 +265,8 @@ def dice_loss(
     for i in range(inter.shape[0]):
         for j, k in enumerate(keep):
             f[i, j] = _ratio(inter[i, k], psum[i, k] + gsum[i, k], smooth_nr, smooth_dr, jaccard)
-            if full_w is not None and len(keep) != 1:
+            # MONAI's rule: no class weight when one class is scored, counted before an in-range ignore drop
+            if full_w is not None and (c if include_background or c == 1 else c - 1) != 1:
                 f[i, j] = f[i, j] * full_w[k]
     if batch:
         f = f[0]

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from monai.data import MetaTensor
 
 from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss
+from monai_gdl_plus.functional import per_class_terms
 
 SHAPES = {"3d": (2, 4, 6, 6, 6), "2d": (2, 3, 8, 8)}
 ACTS = {"sigmoid": {"sigmoid": True}, "softmax": {"softmax": True}}
@@ -1015,3 +1016,43 @@ def test_label_map_path_makes_no_dense_integer_or_scattered_tensor(make_case, lo
     with _DenseOneHotDetector(x.numel()) as control:
         ML.DiceLoss(to_onehot_y=True, softmax=True)(x, labels.clamp(0, 3))
     assert control.found
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# regressions found in review
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_logits_ce_with_weight_over_65504_voxels(dtype):
+    """fp16/bf16 logits: CE weights and counts are summed in float32 (an fp16 sum overflows past 65504 voxels)."""
+    torch.manual_seed(3)
+    x32 = torch.randn(2, 3, 48, 48, 48)
+    y = torch.randint(0, 3, (2, 1, 48, 48, 48))
+    kw = dict(to_onehot_y=True, softmax=True, lambda_ce=1.0, weight=[0.1, 0.7, 1.3])
+    x16 = x32.to(dtype).requires_grad_(True)
+    value = DicePlusLoss(**kw)(x16, y)
+    value.backward()
+    expected = DicePlusLoss(**kw)(x16.detach().float(), y)
+    assert float(value) == pytest.approx(float(expected), rel=1e-5)
+    assert float(x16.grad.float().abs().max()) > 0
+
+
+@pytest.mark.slow
+def test_class_volume_counts_exactly_past_2_pow_24_voxels():
+    """Target volumes are counted in float64: a float32 scatter of ones stops at 16,777,216."""
+    n = 2**24 + 2**20
+    labels = torch.zeros(1, 1, n, dtype=torch.long)
+    labels[0, 0, :1000] = 1
+    x = torch.zeros(1, 2, n)
+    terms = per_class_terms(torch.softmax(x, 1), labels)
+    assert float(terms.target_sum[0, 0]) == n - 1000
+    value = DicePlusLoss(to_onehot_y=True, softmax=True, reduction="none")(x, labels)
+    assert float(value.min()) >= 0.0
+
+
+def test_no_class_left_is_a_clear_error():
+    x = torch.randn(1, 2, 4, 4)
+    y = torch.randint(0, 2, (1, 1, 4, 4))
+    with pytest.raises(ValueError, match="no class left to score.*include_background=False.*ignore_index"):
+        DicePlusLoss(to_onehot_y=True, softmax=True, include_background=False, ignore_index=1)(x, y)

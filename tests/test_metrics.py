@@ -456,3 +456,12 @@ def test_cuda_update_has_no_host_sync_and_matches_cpu(kwargs):
     for _ in range(2):
         cpu.update((logits, labels))
     assert metric.compute() == pytest.approx(cpu.compute(), abs=1e-12, nan_ok=True)
+
+
+def test_sigmoid_one_channel_ignore_index_label_map():
+    """Ignored voxels may hold the ignore value in a one-channel binary target (checked after masking)."""
+    metric = PerClassDice(num_classes=1, include_background=True, activation="sigmoid", ignore_index=255)
+    y_pred = torch.tensor([10.0, -10.0, 10.0, -10.0]).reshape(1, 1, 4)
+    y = torch.tensor([1, 0, 255, 255]).reshape(1, 1, 4)
+    metric.update((y_pred, y))
+    assert metric.compute()["dice/0"] == pytest.approx(1.0)
