@@ -5,7 +5,7 @@ inputs (float32 logits with ``requires_grad``, an int64 label map (B, 1, *spatia
 ``rounds`` round-robin rounds (the order rotates each round); the figure is the median. A step is
 ``x.grad = None; loss(x, y).backward()``, so it includes allocating ``x.grad``. On Linux a sample during which any of
 the process's threads waited for a CPU (run-queue delay in ``/proc/self/task/*/schedstat``) is repeated, up to
-:data:`MAX_RETRIES` times, keeping the least-disturbed sample.
+:data:`MAX_RETRIES` times (and one repeat per sample on average at most), keeping the least-disturbed sample.
 
 Peak extra memory on CPU is measured in a fresh subprocess per (loss, shape) with ``MALLOC_MMAP_THRESHOLD_=65536``
 (freed blocks go back to the OS): the child builds the inputs, runs one warm-up step, resets the peak RSS
@@ -37,6 +37,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ MB = 1e6  # tables report decimal megabytes
 _WAIT_ABS_NS = 200_000
 _WAIT_FRACTION = 0.02
 _CHILD_TIMEOUT_S = 900
+_BUSY_WAIT_PCT = 10.0  # median wait% from which the table warns that the times are not reliable
+_FLOOR_CACHE: dict[tuple[str, int, int], dict[str, float]] = {}
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ def _make_loss(key: str) -> torch.nn.Module:
             from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
         except ImportError as e:
             raise _Unavailable(f"not installed ({e})") from None
+        except Exception as e:  # an nnU-Net release this code does not know
+            raise _Unavailable(f"not importable ({type(e).__name__}: {e})") from None
         # As nnU-Net's trainer builds it for a label map without regions (DC_and_CE_loss): softmax over channels,
         # batch Dice, background dropped, smooth 1e-5; ddp off in a single process. Target: (B, 1, *S) labels.
         return MemoryEfficientSoftDiceLoss(
@@ -142,7 +147,14 @@ def _availability(key: str) -> str:
         _make_loss(key)
     except _Unavailable as e:
         return str(e)
+    except Exception as e:
+        return _error(e)
     return "ok"
+
+
+def _error(e: BaseException) -> str:
+    text = f"error: {type(e).__name__}: {e}".strip()
+    return text.splitlines()[0] if text else "error"
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -233,8 +245,14 @@ def _step(loss_fn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     loss_fn(x, y).backward()
 
 
-def _time_step(loss_fn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: str) -> tuple[float, int]:
-    """One timed step: (milliseconds, number of repeats caused by CPU contention)."""
+def _time_step(
+    loss_fn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: str, max_retries: int = MAX_RETRIES
+) -> tuple[float, int, float]:
+    """One timed step: (milliseconds, repeats caused by CPU contention (at most ``max_retries``), wait fraction).
+
+    The wait fraction is the kept sample's run-queue wait summed over this process's threads, divided by its
+    duration (NaN where schedstat is unavailable, and on CUDA).
+    """
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
@@ -242,9 +260,9 @@ def _time_step(loss_fn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, devic
         _step(loss_fn, x, y)
         end.record()
         end.synchronize()
-        return float(start.elapsed_time(end)), 0
-    best: tuple[float, float] | None = None  # (wait ns, ms)
-    for attempt in range(MAX_RETRIES + 1):
+        return float(start.elapsed_time(end)), 0, math.nan
+    best_wait, best_ms = math.inf, math.nan
+    for attempt in range(max_retries + 1):
         w0 = _sched_wait_ns()
         t0 = time.perf_counter_ns()
         _step(loss_fn, x, y)
@@ -252,14 +270,13 @@ def _time_step(loss_fn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, devic
         w1 = _sched_wait_ns()
         ms = (t1 - t0) / 1e6
         if w0 is None or w1 is None:
-            return ms, 0
+            return ms, 0, math.nan
         wait = w1 - w0
-        if best is None or wait < best[0]:
-            best = (wait, ms)
+        if wait < best_wait:
+            best_wait, best_ms = wait, ms
         if wait <= max(_WAIT_ABS_NS, _WAIT_FRACTION * (t1 - t0)):
-            return ms, attempt
-    assert best is not None
-    return best[1], MAX_RETRIES
+            return ms, attempt, wait / max(1, t1 - t0)
+    return best_ms, max_retries, best_wait / max(1.0, best_ms * 1e6)
 
 
 def _median_time(fn: Callable[[], None], device: str, repeats: int) -> float:
@@ -391,8 +408,11 @@ def benchmark(
     Returns:
         One dict per (loss, shape), ordered by shape then loss, with keys ``loss``, ``label``, ``family``,
         ``owner``, ``shape`` ("BxCxDxHxW"), ``device``, ``threads``, ``status`` (``"ok"``, ``"not installed (...)"``
-        or ``"error: ..."``), ``logits_mb``, ``median_ms``, ``min_ms``, ``retried`` (samples repeated for CPU
-        contention), ``peak_mb``, ``peak_L`` (peak extra / logits bytes), ``time_vs_monai``, ``mem_vs_monai``
+        or ``"error: ..."``), ``memory_status`` (``"ok"``, ``"not measured"`` or ``"error: ..."``), ``logits_mb``,
+        ``median_ms``, ``min_ms``, ``retried`` (samples repeated for CPU contention), ``wait_pct`` (median over the
+        kept samples of the threads' summed run-queue wait as a percentage of the sample's time; NaN on CUDA),
+        ``peak_mb``, ``peak_L`` (peak
+        extra / logits bytes), ``time_vs_monai``, ``mem_vs_monai``
         (against the MONAI counterpart of the same family; nnU-Net against MONAI DiceLoss), ``time_vs_nnunet``,
         ``mem_vs_nnunet``, ``bandwidth_gbs``, ``floor_ms`` (2 L at that bandwidth), ``exp_floor_ms`` (two exp per
         logit, NaN on CUDA), ``time_vs_floor`` and ``mem_vs_floor`` (= ``peak_L``, the floor being 1.0 L).
@@ -418,8 +438,14 @@ def benchmark(
     torch.set_num_threads(threads)
     try:
         biggest = max(math.prod(s) * 4 for s in shape_list)
-        floor = measure_floor(device, nbytes=int(min(max(4 * biggest, 64 * 2**20), 256 * 2**20)))
-        say(f"copy bandwidth {floor['bandwidth_gbs']:.1f} GB/s, exp {floor['exp_ns']:.2f} ns/element")
+        # Big enough to leave the caches (a GPU's L2 included), small enough for a shared machine.
+        nbytes = 2**30 if device == "cuda" else int(min(max(4 * biggest, 64 * 2**20), 256 * 2**20))
+        floor_key = (device, nbytes, threads)
+        if floor_key not in _FLOOR_CACHE:  # the machine's bandwidth: measured once per process
+            _FLOOR_CACHE[floor_key] = measure_floor(device, nbytes=nbytes)
+        floor = _FLOOR_CACHE[floor_key]
+        exp = f", exp {floor['exp_ns']:.2f} ns/element" if device == "cpu" else ""
+        say(f"copy bandwidth {floor['bandwidth_gbs']:.1f} GB/s{exp}")
         status = {k: _availability(k) for k in keys}
         rows: list[dict] = []
         for shape in shape_list:
@@ -437,7 +463,8 @@ def _bench_shape(shape, keys, status, rounds, warmup, threads, device, memory, s
             "loss": k, "label": _SPECS[k].label, "family": _SPECS[k].family, "owner": _SPECS[k].owner,
             "shape": shape_txt, "device": device, "threads": threads, "status": status[k],
             "logits_mb": logits_bytes / MB, "median_ms": math.nan, "min_ms": math.nan, "retried": 0,
-            "peak_mb": math.nan, "peak_L": math.nan,
+            "wait_pct": math.nan,
+            "peak_mb": math.nan, "peak_L": math.nan, "memory_status": "ok" if memory else "not measured",
         }  # fmt: skip
         for k in keys
     }
@@ -452,29 +479,39 @@ def _bench_shape(shape, keys, status, rounds, warmup, threads, device, memory, s
                 _step(fn, x, y)
             fns[k] = fn
         except Exception as e:  # a broken implementation must not hide the others' figures
-            rows[k]["status"] = f"error: {type(e).__name__}: {e}".splitlines()[0]
+            rows[k]["status"] = _error(e)
     say(f"timing {shape_txt}: {len(fns)} losses x {rounds} rounds")
     times: dict[str, list[float]] = {k: [] for k in fns}
+    waits: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns)
+    # On a machine that is busy all the time every sample would be repeated: cap the repeats at one per sample on
+    # average, so contention costs at most about twice the time.
+    budget = rounds * len(order)
     for r in range(rounds):
         shift = r % len(order) if order else 0
         for k in order[shift:] + order[:shift]:
             try:
-                ms, retried = _time_step(fns[k], x, y, device)
+                ms, retried, wait = _time_step(fns[k], x, y, device, min(MAX_RETRIES, budget))
             except Exception as e:
-                rows[k]["status"] = f"error: {type(e).__name__}: {e}".splitlines()[0]
+                rows[k]["status"] = _error(e)
                 order.remove(k)
                 continue
             times[k].append(ms)
+            waits[k].append(wait)
             rows[k]["retried"] += retried
+            budget -= retried
     for k in fns:
         if times[k] and rows[k]["status"] == "ok":
             rows[k]["median_ms"] = statistics.median(times[k])
             rows[k]["min_ms"] = min(times[k])
+            rows[k]["wait_pct"] = 100 * statistics.median(waits[k])
     if memory and device == "cuda":
         for k, fn in fns.items():
             if rows[k]["status"] == "ok":
-                rows[k]["peak_mb"] = _peak_cuda(fn, x, y) / MB
+                try:
+                    rows[k]["peak_mb"] = _peak_cuda(fn, x, y) / MB
+                except Exception as e:
+                    rows[k]["memory_status"] = _error(e)
     x.grad = None
     del x, y, fns
     gc.collect()
@@ -486,10 +523,12 @@ def _bench_shape(shape, keys, status, rounds, warmup, threads, device, memory, s
             try:
                 rows[k]["peak_mb"] = _peak_cpu_subprocess(k, shape, threads, seed) / MB
             except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
-                rows[k]["status"] = f"error: {e}".splitlines()[0]
+                rows[k]["memory_status"] = _error(e)
     floor_ms = 2 * logits_bytes / (floor["bandwidth_gbs"] * 1e9) * 1e3
     exp_floor_ms = 2 * math.prod(shape) * floor["exp_ns"] / 1e6 if device == "cpu" else math.nan
     for k, row in rows.items():
+        if row["status"] != "ok":
+            row["memory_status"] = "not measured"
         row["peak_L"] = row["peak_mb"] * MB / logits_bytes
         row["bandwidth_gbs"] = floor["bandwidth_gbs"]
         row["floor_ms"] = floor_ms
@@ -517,6 +556,7 @@ _COLUMNS = (
     ("shape", "shape", None, "<"),
     ("ms", "median_ms", ".1f", ">"),
     ("retried", "retried", "d", ">"),
+    ("wait%", "wait_pct", ".0f", ">"),
     ("peak MB", "peak_mb", ".1f", ">"),
     ("xL", "peak_L", ".2f", ">"),
     ("t/MONAI", "time_vs_monai", ".2f", ">"),
@@ -530,8 +570,9 @@ _COLUMNS = (
 def format_table(rows: Sequence[dict]) -> str:
     """Render :func:`benchmark` rows as a text table, followed by the floor figures per shape.
 
-    Columns: median ms, samples repeated for CPU contention, peak extra MB, peak extra in logits' bytes (xL), time and
-    memory as multiples of the MONAI counterpart and of nnU-Net's loss, time as a multiple of the copy floor.
+    Columns: median ms, samples repeated for CPU contention, the share of a sample's time its threads waited for a
+    CPU (wait%), peak extra MB, peak extra in logits' bytes (xL), time and memory as multiples of the MONAI
+    counterpart and of nnU-Net's loss, time as a multiple of the copy floor.
     Unavailable or failed implementations get one line saying why.
 
     Args:
@@ -560,33 +601,43 @@ def format_table(rows: Sequence[dict]) -> str:
     for r in rows:
         if r["status"] != "ok":
             skipped.setdefault((r["label"], r["status"]), []).append(r["shape"])
+    for r in ok:
+        if r["memory_status"].startswith("error"):
+            skipped.setdefault((r["label"], "memory " + r["memory_status"]), []).append(r["shape"])
     for (label, why), shapes in skipped.items():
         out.append(f"{label}: {why} [{', '.join(shapes)}]")
     if rows:
         r0 = rows[0]
         out.append("")
-        out.append(
-            f"device {r0['device']}, {r0['threads']} threads; ratios: t = median time, m = peak extra memory, "
-            "against the MONAI counterpart (nnU-Net's against MONAI DiceLoss) and nnU-Net's loss."
+        notes = (
+            f"device {r0['device']}, {r0['threads']} threads. t = median forward+backward time, m = peak extra memory "
+            "(x.grad included), each as a multiple of the MONAI counterpart (nnU-Net's: of MONAI DiceLoss) or of "
+            "nnU-Net's loss; xL = peak extra / logits' bytes (L). retried = samples repeated because a thread waited "
+            "for a CPU; wait% = median run-queue wait of the threads over a sample's time (large: the machine is "
+            "busy and times measure contention as much as the loss).",
+            "Floors: time = reading the logits and writing their gradient once (2 L) at the copy bandwidth measured "
+            f"here, {r0['bandwidth_gbs']:.1f} GB/s (t/floor = time / that); memory = 1.0 L, the gradient (xL is the "
+            "distance from it).",
         )
-        out.append(
-            f"Floors: time = read the logits + write their gradient once (2 L) at the copy bandwidth measured here, "
-            f"{r0['bandwidth_gbs']:.1f} GB/s; memory = 1.0 L (the gradient); L = logits' bytes."
-        )
-        seen = []
+        out.extend(textwrap.fill(note, width=110) for note in notes)
+        busy: dict[str, float] = {}
+        for r in ok:
+            if isinstance(r.get("wait_pct"), float) and r["wait_pct"] >= _BUSY_WAIT_PCT:
+                busy[r["shape"]] = max(busy.get(r["shape"], 0.0), r["wait_pct"])
+        for shape, pct in busy.items():
+            out.append(
+                f"WARNING {shape}: threads waited for a CPU during up to {pct:.0f}% of a sample; these times measure "
+                "the machine's load as much as the losses: rerun on a quiet machine."
+            )
+        seen: list[str] = []
         for r in rows:
             if r["shape"] in seen:
                 continue
             seen.append(r["shape"])
-            exp = "" if not math.isfinite(r["exp_floor_ms"]) else f" (exp throughput: {r['exp_floor_ms']:.1f} ms)"
-            ours = [x for x in ok if x["shape"] == r["shape"] and x["owner"] == "ours"]
-            dist = "; ".join(
-                f"{x['label']} {_fmt(x['time_vs_floor'], '.1f', 'x')} time, {_fmt(x['mem_vs_floor'], '.2f', 'x')} memory"
-                for x in ours
-            )
+            exp = "" if not math.isfinite(r["exp_floor_ms"]) else f"; two exp per logit take {r['exp_floor_ms']:.2f} ms"
             out.append(
-                f"  {r['shape']}: L = {r['logits_mb']:.1f} MB, time floor {r['floor_ms']:.2f} ms{exp}"
-                + (f"; ours vs floor: {dist}" if dist else "")
+                f"  {r['shape']}: L = {r['logits_mb']:.1f} MB; time floor {r['floor_ms']:.2f} ms{exp}; "
+                f"memory floor {r['logits_mb']:.1f} MB"
             )
     return "\n".join(out)
 
@@ -662,7 +713,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"gdl-plus bench: error: cannot write `--csv` {args.csv!r}: {e}", file=sys.stderr)
             return 2
         print(f"rows saved to {args.csv}")
-    return 1 if any(r["status"].startswith("error") for r in rows) else 0
+    return 1 if any(r["status"].startswith("error") or r["memory_status"].startswith("error") for r in rows) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,265 @@
+"""The benchmark harness: rows, ratios, table, memory subprocess and CLI entry points, on tiny shapes.
+
+No wall-clock assertion anywhere: only that figures exist, are finite and are combined consistently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from monai_gdl_plus import bench
+
+TINY = (1, 3, 8, 8, 8)
+PAIRS = ["ours-dice", "ours-gdl", "ours-dicece", "monai-dice", "monai-gdl", "monai-dicece"]
+
+
+@pytest.fixture(scope="module")
+def tiny_rows():
+    """One timing-only run of our losses and MONAI's at a tiny shape (1 round, 1 warm-up)."""
+    return bench.benchmark([TINY], rounds=1, warmup=1, memory=False, losses=PAIRS)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gdl-plus bench")
+    bench.configure_parser(parser)
+    return parser
+
+
+def test_threads_are_restored(monkeypatch):
+    monkeypatch.setattr(bench, "measure_floor", lambda device, nbytes: {"bandwidth_gbs": 10.0, "exp_ns": 1.0})
+    monkeypatch.setattr(bench, "_FLOOR_CACHE", {})
+    before = torch.get_num_threads()
+    bench.benchmark([TINY], rounds=1, warmup=0, threads=before + 1, memory=False, losses=["ours-dice"])
+    assert torch.get_num_threads() == before
+
+
+def test_rows_hold_finite_times_and_consistent_ratios(tiny_rows):
+    assert [r["loss"] for r in tiny_rows] == PAIRS
+    by_key = {r["loss"]: r for r in tiny_rows}
+    for r in tiny_rows:
+        assert r["status"] == "ok", r
+        assert r["shape"] == "1x3x8x8x8"
+        assert r["logits_mb"] == pytest.approx(math.prod(TINY) * 4 / bench.MB)
+        assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0
+        assert math.isfinite(r["floor_ms"]) and r["floor_ms"] > 0
+        assert r["time_vs_floor"] == pytest.approx(r["median_ms"] / r["floor_ms"])
+        assert math.isnan(r["peak_mb"]) and math.isnan(r["mem_vs_monai"])  # memory=False
+        assert r["memory_status"] == "not measured"
+        assert math.isnan(r["time_vs_nnunet"])  # nnU-Net not requested
+        monai = by_key["monai-" + r["family"]]
+        assert math.isfinite(r["time_vs_monai"])
+        assert r["time_vs_monai"] == pytest.approx(r["median_ms"] / monai["median_ms"])
+    for fam in ("dice", "gdl", "dicece"):
+        assert by_key["monai-" + fam]["time_vs_monai"] == pytest.approx(1.0)
+
+
+def test_table_prints_every_row_ratio_and_floor(tiny_rows):
+    table = bench.format_table(tiny_rows)
+    lines = table.splitlines()
+    header = lines[0].split("  ")
+    header = [h.strip() for h in header if h.strip()]
+    for col in ("ms", "retried", "wait%", "peak MB", "xL", "t/MONAI", "m/MONAI", "t/nnU-Net", "m/nnU-Net", "t/floor"):
+        assert col in header
+    for r in tiny_rows:
+        row_line = next(line for line in lines if line.startswith(r["label"] + "  "))
+        assert r["shape"] in row_line
+        assert f"{r['time_vs_monai']:.2f}" in row_line.split(r["shape"])[1]
+    assert "time floor" in table and "memory floor" in table and "GB/s" in table
+
+
+def test_unavailable_nnunet_is_reported_not_raised(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nnunetv2", None)  # makes `import nnunetv2...` raise ImportError
+    rows = bench.benchmark([TINY], rounds=1, warmup=0, memory=False, losses=["ours-dice", "nnunet-memeff"])
+    by_key = {r["loss"]: r for r in rows}
+    assert by_key["nnunet-memeff"]["status"].startswith("not installed")
+    assert by_key["ours-dice"]["status"] == "ok"
+    assert math.isnan(by_key["ours-dice"]["time_vs_nnunet"])
+    table = bench.format_table(rows)
+    assert "nnU-Net MemoryEfficientSoftDiceLoss: not installed" in table
+
+
+def test_nnunet_ratio_when_installed():
+    pytest.importorskip("nnunetv2.training.loss.dice")
+    rows = bench.benchmark([TINY], rounds=1, warmup=0, memory=False, losses=["ours-dice", "nnunet"])
+    by_key = {r["loss"]: r for r in rows}
+    assert by_key["nnunet-memeff"]["status"] == "ok"
+    ours = by_key["ours-dice"]
+    assert ours["time_vs_nnunet"] == pytest.approx(ours["median_ms"] / by_key["nnunet-memeff"]["median_ms"])
+
+
+def test_contended_samples_are_repeated_within_a_budget(monkeypatch):
+    waits = iter(range(0, 10**12, 10**9))  # every sample sees 1 s of run-queue wait
+    monkeypatch.setattr(bench, "_sched_wait_ns", lambda: next(waits))
+    losses, rounds = ["ours-dice", "monai-dice"], 3
+    rows = bench.benchmark([TINY], rounds=rounds, warmup=0, memory=False, losses=losses)
+    assert rounds * len(losses) > bench.MAX_RETRIES  # so the budget, not the per-sample cap, binds
+    assert sum(r["retried"] for r in rows) == rounds * len(losses)  # one repeat per sample on average, no more
+    assert all(math.isfinite(r["median_ms"]) for r in rows)
+    assert all(r["wait_pct"] > 100 for r in rows)  # 1 s of wait in a sample of far less than a second
+    assert "WARNING 1x3x8x8x8: threads waited for a CPU" in bench.format_table(rows)
+    monkeypatch.setattr(bench, "_sched_wait_ns", lambda: 0)
+    rows = bench.benchmark([TINY], rounds=rounds, warmup=0, memory=False, losses=losses)
+    assert [(r["retried"], r["wait_pct"]) for r in rows] == [(0, 0.0), (0, 0.0)]
+    assert "WARNING" not in bench.format_table(rows)
+
+
+def test_failing_loss_is_reported_and_others_still_measured(monkeypatch):
+    real = bench._make_loss
+
+    class Broken(torch.nn.Module):
+        def forward(self, x, y):
+            raise RuntimeError("boom")
+
+    def make(key):
+        return Broken() if key == "ours-gdl" else real(key)
+
+    monkeypatch.setattr(bench, "_make_loss", make)
+    rows = bench.benchmark([TINY], rounds=1, warmup=1, memory=False, losses=["ours-gdl", "monai-gdl"])
+    by_key = {r["loss"]: r for r in rows}
+    assert by_key["ours-gdl"]["status"] == "error: RuntimeError: boom"
+    assert math.isfinite(by_key["monai-gdl"]["median_ms"])
+    assert "GeneralizedDicePlusLoss: error: RuntimeError: boom" in bench.format_table(rows)
+
+
+def test_failed_memory_child_keeps_the_time(monkeypatch, capsys):
+    def fail(key, shape, threads, seed):
+        raise RuntimeError(f"memory subprocess for {key} failed (exit 1): boom")
+
+    monkeypatch.setattr(bench, "_peak_cpu_subprocess", fail)
+    args = _parser().parse_args(["--shape", "1,3,8,8,8", "--rounds", "1", "--warmup", "0", "--losses", "ours-dice"])
+    assert bench.run(args) == 1
+    printed = capsys.readouterr().out
+    row_line = next(line for line in printed.splitlines() if line.startswith("DicePlusLoss  "))
+    assert math.isfinite(float(row_line.split()[2]))  # the median time is still there
+    assert "DicePlusLoss: memory error: RuntimeError: memory subprocess for ours-dice failed (exit 1): boom" in printed
+
+
+@pytest.mark.slow
+def test_memory_subprocess_reports_peak_including_the_gradient():
+    shape = (1, 4, 64, 64, 64)  # logits of 4 MB: well above malloc's mmap threshold and RSS counter granularity
+    rows = bench.benchmark([shape], rounds=1, warmup=0, memory=True, losses=["ours-dice", "monai-dice"])
+    for r in rows:
+        assert (r["status"], r["memory_status"]) == ("ok", "ok"), r
+        assert math.isfinite(r["peak_mb"]) and r["peak_mb"] > 0
+        assert r["peak_L"] == pytest.approx(r["peak_mb"] * bench.MB / (math.prod(shape) * 4))
+        assert r["peak_L"] > 0.5  # x.grad alone is 1.0 L
+        assert math.isfinite(r["mem_vs_monai"])
+    assert rows[1]["mem_vs_monai"] == pytest.approx(1.0)
+
+
+def test_cli_run_prints_table_and_writes_csv(tmp_path, capsys):
+    out = tmp_path / "bench.csv"
+    args = _parser().parse_args(
+        ["--shape", "1,3,8,8,8", "--rounds", "1", "--warmup", "0", "--no-memory", "--losses", "ours-dice,monai-dice",
+         "--csv", str(out)]
+    )  # fmt: skip
+    assert bench.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "DicePlusLoss" in printed and "MONAI DiceLoss" in printed and "t/MONAI" in printed
+    with open(out, newline="") as f:
+        saved = list(csv.DictReader(f))
+    assert [r["loss"] for r in saved] == ["ours-dice", "monai-dice"]
+    assert math.isfinite(float(saved[0]["time_vs_monai"]))
+
+
+def test_parser_defaults_and_repeated_shapes():
+    args = _parser().parse_args([])
+    assert (args.rounds, args.warmup, args.threads, args.device, args.memory) == (7, 2, 2, "cpu", True)
+    assert args.shapes is None and args.losses is None and args.csv is None
+    argv = ["--shape", "1,3,8,8,8", "2x4x6x6x6", "--shape", "1,2,4,4", "--losses", "ours", "monai-gdl"]
+    args = _parser().parse_args(argv)
+    assert args.shapes == [(1, 3, 8, 8, 8), (2, 4, 6, 6, 6), (1, 2, 4, 4)]
+    assert bench._resolve_losses(args.losses) == ["ours-dice", "ours-gdl", "ours-dicece", "monai-gdl"]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [("2,4", "at least one spatial axis"), ("2,1,8,8,8", "at least 2 classes"), ("2,a,8,8", "comma-separated"),
+     ("0,3,8,8", "sizes >= 1")],
+)  # fmt: skip
+def test_bad_shape(text, match, capsys):
+    with pytest.raises(ValueError, match=match):
+        bench.parse_shape(text)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--shape", text])
+    assert "--shape" in capsys.readouterr().err
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"`losses` must be one of .*'monai-dice'"):
+        bench.benchmark([TINY], losses=["monai-dise"])
+    with pytest.raises(ValueError, match="`rounds` must be >= 1, got 0"):
+        bench.benchmark([TINY], rounds=0)
+    with pytest.raises(TypeError, match="`threads` must be an int, got float 1.5"):
+        bench.benchmark([TINY], threads=1.5)
+    with pytest.raises(ValueError, match="`device` must be one of"):
+        bench.benchmark([TINY], device="tpu")
+    with pytest.raises(ValueError, match="`shapes` must hold at least one shape"):
+        bench.benchmark([])
+
+
+def test_cli_bad_value_is_one_line_error(capsys):
+    args = _parser().parse_args(["--shape", "1,3,8,8,8", "--rounds", "0"])
+    assert bench.run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "gdl-plus bench: error: `rounds` must be >= 1, got 0."
+
+
+def test_measure_floor_is_positive():
+    floor = bench.measure_floor(nbytes=4 * 2**20, repeats=2)
+    assert floor["bandwidth_gbs"] > 0 and math.isfinite(floor["bandwidth_gbs"])
+    assert floor["exp_ns"] > 0 and math.isfinite(floor["exp_ns"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rows_hold_time_and_memory():
+    rows = bench.benchmark([TINY], rounds=1, warmup=1, device="cuda", losses=["ours-dice", "monai-dice"])
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["device"] == "cuda" and r["retried"] == 0
+        assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0
+        assert r["peak_mb"] > 0 and r["peak_L"] >= 1.0  # x.grad is allocated inside the measured step
+        assert math.isfinite(r["time_vs_monai"]) and math.isfinite(r["mem_vs_monai"])
+        assert math.isnan(r["exp_floor_ms"])
+
+
+def _rows_for_targets(ours_ms: float, ours_mb: float) -> list[dict]:
+    """Synthetic rows at the issue shapes: MONAI 100 ms / 300 MB, nnU-Net 80 ms / 300 MB, ours as given."""
+    rows = []
+    for shape in ("2x16x64x64x64", "1x105x64x64x64"):
+        for key in bench.LOSSES:
+            owner = key.split("-")[0]
+            ms, mb = {"ours": (ours_ms, ours_mb), "monai": (100.0, 300.0), "nnunet": (80.0, 300.0)}[owner]
+            rows.append({"loss": key, "label": key, "shape": shape, "status": "ok", "median_ms": ms, "peak_mb": mb})
+    return rows
+
+
+def test_issue_targets_are_checked():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_losses.py"
+    spec = importlib.util.spec_from_file_location("bench_losses", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    lines = script.check_targets(_rows_for_targets(ours_ms=25.0, ours_mb=90.0))
+    assert len(lines) == 2 * 5 + 5  # five time targets at two shapes, five memory targets at one
+    assert all(line.endswith(": met") for line in lines)
+    assert any("ours-dice / monai-dice = 0.25x (target <= 0.30x): met" in line for line in lines)
+
+    lines = script.check_targets(_rows_for_targets(ours_ms=35.0, ours_mb=120.0))
+    missed = [line for line in lines if line.endswith("MISSED")]
+    assert len(missed) == 2 * 2 + 3  # Dice and GDL time at both shapes (0.35x > 0.30x); memory 0.40x > 0.35x
+    assert sum(line.endswith(": met") for line in lines) == len(lines) - len(missed)
+
+    rows = [r for r in _rows_for_targets(25.0, 90.0) if r["loss"] != "nnunet-memeff"]
+    rows.append({"loss": "nnunet-memeff", "label": "nnU", "shape": "1x105x64x64x64", "status": "not installed",
+                 "median_ms": math.nan, "peak_mb": math.nan})  # fmt: skip
+    lines = script.check_targets(rows)
+    assert sum("not measured (not installed)" in line for line in lines) == 4  # time x2, memory x2 at 1x105
