@@ -1,0 +1,639 @@
+"""The ``gdl-plus`` command line (also ``python -m monai_gdl_plus``).
+
+Subcommands:
+
+- ``demo``: trains the shipped bundle (``configs/train.yaml``) briefly on synthetic class-imbalanced 3D volumes
+  (or ``--data`` a Decathlon folder), with a progress bar; prints a per-class Dice table and writes a run folder
+  (CSV history, TensorBoard events, PNG of per-class Dice curves, best checkpoint).
+- ``compare``: the same data and seed, several loss variants trained the same way; one table, one plot, and which
+  variant helps the rarest class most.
+- ``bench``: loss forward+backward time and peak memory against MONAI's losses (see :mod:`monai_gdl_plus.bench`).
+- ``config``: prints the path of the shipped bundle config, for ``python -m monai.bundle run --config_file``.
+
+Bad input (a dataset folder that fails its checks, an unknown variant, bad sizes) ends with one line on stderr and
+exit status 2, never a traceback (``--traceback`` shows it for debugging).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import difflib
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CONFIG_PATH", "META_PATH", "VARIANTS", "main", "train_bundle"]
+
+CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "train.yaml"
+META_PATH = Path(__file__).resolve().parent / "configs" / "metadata.json"
+
+# loss variants: each replaces the bundle's whole `loss` item with LOSS_BASE plus its own arguments
+_OURS_DICE, _OURS_GDL = "monai_gdl_plus.DicePlusLoss", "monai_gdl_plus.GeneralizedDicePlusLoss"
+LOSS_BASE: dict[str, Any] = {"include_background": True, "to_onehot_y": True, "softmax": True, "batch": False}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "dice": {"_target_": _OURS_DICE},
+    "dice+ce": {"_target_": _OURS_DICE, "lambda_ce": 1.0},
+    "dice-squared": {"_target_": _OURS_DICE, "squared_pred": True},
+    "gdl-square": {"_target_": _OURS_GDL, "w_type": "square"},
+    "gdl-simple": {"_target_": _OURS_GDL, "w_type": "simple"},
+    "gdl-uniform": {"_target_": _OURS_GDL, "w_type": "uniform"},
+    "gdl-square-squared": {"_target_": _OURS_GDL, "w_type": "square", "squared_pred": True},
+    "gdl-square+ce": {"_target_": _OURS_GDL, "w_type": "square", "lambda_ce": 1.0},
+    "gdl-simple+ce": {"_target_": _OURS_GDL, "w_type": "simple", "lambda_ce": 1.0},
+    "monai-dice": {"_target_": "monai.losses.DiceLoss"},
+    "monai-gdl": {"_target_": "monai.losses.GeneralizedDiceLoss"},
+    "monai-dice+ce": {"_target_": "monai.losses.DiceCELoss"},
+}
+DEFAULT_VARIANT = "gdl-square+ce"  # the bundle's own loss
+DEFAULT_COMPARE = ("dice", "dice+ce", "gdl-square", "gdl-square+ce")
+DEVICES = ("auto", "cpu", "cuda")
+
+# demo defaults, sized for about two minutes on 2 CPU cores (compare: about as long per variant)
+DEFAULT_EPOCHS = 20
+DEFAULT_COMPARE_EPOCHS = 20
+DEFAULT_SAMPLES = 16
+DEFAULT_SIZE = 32
+DEFAULT_BATCH = 2
+DEFAULT_LR = 0.01
+
+# the bundle's StatsHandler / PerClassDiceLogger loggers: the CLI prints its own lines and tables instead
+_QUIET_LOGGERS = ("train_stats", "val_stats", "per_class_dice")
+
+
+class CLIError(Exception):
+    """Bad command-line input: reported as one line on stderr, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _parse_variants(text: str) -> list[str]:
+    names = [v.strip() for v in text.replace(" ", ",").split(",") if v.strip()]
+    if not names:
+        raise CLIError(f"`--variants` must name at least one of {', '.join(VARIANTS)}, got {text!r}")
+    for name in names:
+        _check_variant(name, "--variants")
+    if len(set(names)) != len(names):
+        raise CLIError(f"`--variants` names a variant twice: {text!r}")
+    return names
+
+
+def _check_variant(name: str, option: str) -> str:
+    if name not in VARIANTS:
+        close = difflib.get_close_matches(name, list(VARIANTS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise CLIError(f"`{option}`: unknown variant {name!r}{hint}; choose from {', '.join(VARIANTS)}")
+    return name
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CLIError(f"`--device {device}`: CUDA is not available on this machine (use --device cpu)")
+        try:
+            index = torch.device(device).index
+        except RuntimeError:
+            raise CLIError(f"`--device` must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+        if index is not None and index >= torch.cuda.device_count():
+            raise CLIError(f"`--device {device}`: only {torch.cuda.device_count()} CUDA device(s) present")
+        return device
+    if device != "cpu":
+        raise CLIError(f"`--device` must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
+def _prepare_out(out: str | None, kind: str) -> Path:
+    path = Path(out) if out else Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CLIError(f"`--out` {str(path)!r} already exists and is not an empty folder; choose a new one")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"`--out`: cannot create {str(path)!r}: {e.strerror or e}") from None
+    return path
+
+
+def _positive(name: str, minimum: int = 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr must be a number, got {text!r}") from None
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"--lr must be a positive finite number, got {text}")
+    return value
+
+
+def _size(text: str) -> int:
+    value = _positive("--size", 16)(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"--size must be a multiple of 8 (the UNet halves it 3 times), got {value}")
+    return value
+
+
+def _fmt(x: float) -> str:
+    return "  n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Keep the terminal for the progress bar and tables: library INFO logs and warnings are hidden."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    saved = {name: logging.getLogger(name).level for name in ("monai.bundle.workflows",)}
+    logging.getLogger("monai.bundle.workflows").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class RunResult:
+    """One training run of the bundle."""
+
+    variant: str
+    out_dir: Path
+    class_names: list[str]
+    reported: list[str]
+    rare: str
+    shares: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict[str, float]:
+        """Per-class Dice of the last validation (``{"organ": 0.9, ..., "mean": 0.6}``)."""
+        return self.history[-1] if self.history else {}
+
+
+def _class_shares(data: Any, decathlon: Any) -> dict[str, float]:
+    """Share of labelled voxels per class: all synthetic volumes, or the Decathlon training labels."""
+    import numpy as np
+
+    if decathlon is not None:
+        counts = np.asarray(decathlon.class_voxels or [0] * len(data.class_names), dtype=np.float64)
+    else:
+        counts = np.zeros(data.num_classes, dtype=np.float64)
+        for item in list(data.train) + list(data.val):
+            counts += np.bincount(np.asarray(item["label"]).ravel(), minlength=data.num_classes)[: data.num_classes]
+    total = counts.sum()
+    return {name: (float(c / total) if total else float("nan")) for name, c in zip(data.class_names, counts)}
+
+
+def train_bundle(
+    *,
+    variant: str,
+    out_dir: Path,
+    epochs: int,
+    device: str,
+    data_dir: str | None = None,
+    decathlon: Any = None,
+    num_samples: int = DEFAULT_SAMPLES,
+    size: int = DEFAULT_SIZE,
+    batch_size: int = DEFAULT_BATCH,
+    learning_rate: float = DEFAULT_LR,
+    seed: int = 0,
+    progress: bool = True,
+    echo: bool = True,
+) -> RunResult:
+    """Train the shipped bundle once with one loss variant, through MONAI's ``ConfigWorkflow``.
+
+    Args:
+        variant: a key of :data:`VARIANTS`.
+        out_dir: the run folder (``output_dir`` of the bundle).
+        epochs: training epochs (one validation after each).
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        data_dir: a Decathlon folder, already checked, or None for synthetic volumes.
+        decathlon: the :class:`~monai_gdl_plus.data.DecathlonDataset` of ``data_dir`` (class voxel counts).
+        num_samples: synthetic volumes (training and validation together).
+        size: edge of the synthetic volumes and of the training patches.
+        batch_size: training batch size.
+        learning_rate: Adam's learning rate.
+        seed: seed of the data, the split, the network initialisation and the shuffling.
+        progress: show a progress bar (tqdm).
+        echo: print one line of per-class Dice after each validation.
+
+    Returns:
+        A :class:`RunResult` with the per-class Dice history.
+    """
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    overrides: dict[str, Any] = {
+        "output_dir": str(out_dir),
+        "epochs": epochs,
+        "device": f"$torch.device({device!r})",
+        "patch_size": [size] * 3,
+        "synthetic#num_samples": num_samples,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "seed": seed,
+    }
+    overrides["loss"] = {**LOSS_BASE, **VARIANTS[variant]}
+    if data_dir is not None:
+        overrides.update({"data_dir": str(data_dir), "check_labels": False})  # the CLI has checked them already
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIG_PATH), meta_file=str(META_PATH), logging_file=False, workflow_type="train", **overrides
+    )
+    workflow.initialize()
+    parsed = workflow.parser.get_parsed_content
+    data, trainer, evaluator = parsed("data"), parsed("train#trainer"), parsed("validate#evaluator")
+    for name in _QUIET_LOGGERS:  # the handlers reset their own loggers to INFO when built
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    metric = parsed("validate#per_class_dice")
+    reported = [metric.class_names[c] for c in metric.reported]
+    prefix = metric.prefix + "/"
+    result = RunResult(
+        variant=variant, out_dir=out_dir, class_names=list(data.class_names), reported=reported,
+        rare=data.class_names[_rare_index(data, decathlon)], shares=_class_shares(data, decathlon),
+    )  # fmt: skip
+
+    pbar = None
+    if progress:
+        from ignite.handlers import ProgressBar
+        from monai.handlers import from_engine
+
+        pbar = ProgressBar(persist=False, desc=f"{variant} epoch")
+        pbar.attach(trainer, output_transform=lambda out: {"loss": float(from_engine(["loss"], first=True)(out))})
+    say = pbar.log_message if pbar is not None else print
+
+    def record(engine: Any) -> None:
+        metrics = engine.state.metrics
+        row = {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+        result.history.append(row)
+        if echo:
+            cells = "  ".join(f"{name} {_fmt(row.get(name, math.nan))}" for name in reported + ["mean"])
+            say(f"[{variant}] epoch {engine.state.epoch:>3}/{epochs}  val Dice  {cells}")
+
+    evaluator.add_event_handler(Events.COMPLETED, record)
+    start = time.perf_counter()
+    workflow.run()
+    workflow.finalize()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _rare_index(data: Any, decathlon: Any) -> int:
+    import numpy as np
+
+    if decathlon is not None and decathlon.class_voxels is not None:
+        return 1 + int(np.argmin(decathlon.class_voxels[1:]))
+    return int(data.rare_class)
+
+
+def _check_data(path: str | None) -> Any:
+    if path is None:
+        return None
+    from monai_gdl_plus.data import load_decathlon
+
+    return load_decathlon(path, check_labels=True)
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def _class_table(result: RunResult) -> str:
+    width = max(len(n) for n in result.reported + ["class", "mean"]) + 2
+    lines = [f"{'class':<{width}}{'voxels':>9}  {'Dice':>6}", "-" * (width + 17)]
+    for name in result.reported:
+        share = result.shares.get(name, math.nan)
+        mark = "  <- rare" if name == result.rare else ""
+        lines.append(f"{name:<{width}}{share * 100:>8.2f}%  {_fmt(result.final.get(name, math.nan)):>6}{mark}")
+    lines.append(f"{'mean':<{width}}{'':>9}  {_fmt(result.final.get('mean', math.nan)):>6}")
+    return "\n".join(lines)
+
+
+def _compare_table(results: Sequence[RunResult]) -> str:
+    names = results[0].reported + ["mean"]
+    width = max(len(r.variant) for r in results) + 2
+    cols = [max(len(n), 6) + 2 for n in names]
+    head = f"{'variant':<{width}}" + "".join(f"{n:>{w}}" for n, w in zip(names, cols)) + f"{'time':>8}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        cells = "".join(f"{_fmt(r.final.get(n, math.nan)):>{w}}" for n, w in zip(names, cols))
+        lines.append(f"{r.variant:<{width}}{cells}{r.seconds:>7.0f}s")
+    return "\n".join(lines)
+
+
+def _verdict(results: Sequence[RunResult]) -> str:
+    rare = results[0].rare
+    share = results[0].shares.get(rare, math.nan)
+
+    def score(r: RunResult) -> float:
+        v = r.final.get(rare, math.nan)
+        return -math.inf if math.isnan(v) else v
+
+    best = max(results, key=score)
+    head = f"Rare class {rare!r} ({share * 100:.2f}% of voxels):"
+    if score(best) <= 0.0:
+        return f"{head} no variant segmented it yet (Dice 0 or undefined everywhere); try more --epochs."
+    others = [r for r in results if r is not best]
+    if not others:
+        return f"{head} {best.variant} reaches Dice {best.final[rare]:.3f}."
+    runner = max(others, key=score)
+    if score(runner) == score(best):
+        tied = ", ".join(r.variant for r in results if score(r) == score(best))
+        return f"{head} {tied} tie for the best Dice ({best.final[rare]:.3f})."
+    gap = "undefined" if score(runner) == -math.inf else f"{runner.final[rare]:.3f}"
+    text = f"{head} {best.variant} helps it most (Dice {best.final[rare]:.3f}; next best {runner.variant} {gap})"
+
+    def mean(r: RunResult) -> float:
+        v = r.final.get("mean", math.nan)
+        return -math.inf if math.isnan(v) else v
+
+    top = max(results, key=mean)
+    if top is not best and mean(best) < mean(top) - 0.05:  # say when the rare class was bought with the others
+        text += f", at a cost: mean Dice {_fmt(best.final.get('mean'))} vs {_fmt(top.final['mean'])} for {top.variant}"
+    return text + "."
+
+
+def _write_compare_csv(results: Sequence[RunResult], path: Path) -> None:
+    names = results[0].reported + ["mean"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", *names, "seconds", "epochs"])
+        for r in results:
+            writer.writerow([r.variant, *(r.final.get(n, math.nan) for n in names), f"{r.seconds:.1f}", len(r.history)])
+
+
+def _plot_compare(results: Sequence[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    rare, names = results[0].rare, results[0].reported
+    fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        epochs = range(1, len(r.history) + 1)
+        ax_curve.plot(epochs, [h.get(rare, math.nan) for h in r.history], marker="o", ms=3, label=r.variant)
+    ax_curve.set(title=f"validation Dice of the rare class {rare!r}", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
+    ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_curve.grid(alpha=0.3)
+    ax_curve.legend(fontsize=8)
+    width = 0.8 / len(results)
+    for i, r in enumerate(results):
+        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(names) + 1)]
+        ax_bar.bar(xs, [r.final.get(n, math.nan) for n in names + ["mean"]], width=width, label=r.variant)
+    ax_bar.set_xticks(range(len(names) + 1), names + ["mean"])
+    ax_bar.set(title="final per-class validation Dice", ylabel="Dice", ylim=(0, 1))
+    ax_bar.grid(axis="y", alpha=0.3)
+    ax_bar.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _describe_run_folder(out: Path) -> list[str]:
+    lines = [f"Run folder: {out}"]
+    entries = [
+        ("per_class_dice.csv", "per-class Dice history (one row per epoch)"),
+        ("per_class_dice.png", "per-class Dice curves"),
+        ("model.pt", "best checkpoint (highest mean Dice)"),
+    ]
+    for name, what in entries:
+        if (out / name).exists():
+            lines.append(f"  {name:<22} {what}")
+    if any(out.glob("events.out.tfevents.*")):
+        lines.append(f"  {'events.out.tfevents.*':<22} TensorBoard: tensorboard --logdir {out}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def _common_training_args(p: argparse.ArgumentParser, epochs: int) -> None:
+    p.add_argument("--epochs", type=_positive("--epochs"), default=epochs, help=f"training epochs ({epochs})")
+    p.add_argument("--data", metavar="PATH", help="Decathlon-format folder (dataset.json, imagesTr/, labelsTr/)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, default), cpu, cuda or cuda:N")
+    p.add_argument("--out", metavar="DIR", help="run folder to create (default: runs/<command>-<timestamp>)")
+    p.add_argument(
+        "--num-samples", type=_positive("--num-samples", 2), default=DEFAULT_SAMPLES,
+        help=f"synthetic volumes, training + validation ({DEFAULT_SAMPLES})",
+    )  # fmt: skip
+    p.add_argument(
+        "--size", type=_size, default=DEFAULT_SIZE,
+        help=f"edge of the synthetic volumes and training patches, a multiple of 8 ({DEFAULT_SIZE})",
+    )  # fmt: skip
+    p.add_argument("--batch-size", type=_positive("--batch-size"), default=DEFAULT_BATCH, help=f"({DEFAULT_BATCH})")
+    p.add_argument("--lr", type=_learning_rate, default=DEFAULT_LR, help=f"Adam learning rate ({DEFAULT_LR})")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, split, initialisation and shuffling (0)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _train_kwargs(args: argparse.Namespace, decathlon: Any) -> dict[str, Any]:
+    return dict(
+        epochs=args.epochs, device=_resolve_device(args.device), data_dir=args.data, decathlon=decathlon,
+        num_samples=args.num_samples, size=args.size, batch_size=args.batch_size, learning_rate=args.lr,
+        seed=args.seed, progress=args.progress,
+    )  # fmt: skip
+
+
+def _source(args: argparse.Namespace, decathlon: Any) -> str:
+    if decathlon is not None:
+        return f"{decathlon.name} ({len(decathlon.items)} cases from {decathlon.root})"
+    return f"synthetic, {args.num_samples} volumes of {args.size}^3"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``gdl-plus demo``: train the bundle once, print the per-class table and the run folder."""
+    variant = _check_variant(args.loss, "--loss")
+    kwargs = _train_kwargs(args, decathlon := _check_data(args.data))
+    out = _prepare_out(args.out, "demo")
+    print(f"gdl-plus demo: loss {variant}, {args.epochs} epochs on {kwargs['device']}, data {_source(args, decathlon)}")
+    with _quiet_libraries():
+        result = train_bundle(variant=variant, out_dir=out, **kwargs)
+    print()
+    print(f"Per-class validation Dice after {len(result.history)} epochs ({result.seconds:.0f} s, loss {variant}):")
+    print(_class_table(result))
+    print()
+    print("\n".join(_describe_run_folder(out)))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``gdl-plus compare``: several loss variants on the same data and seed; one table, one plot, a verdict."""
+    variants = _parse_variants(args.variants)
+    kwargs = _train_kwargs(args, decathlon := _check_data(args.data))
+    out = _prepare_out(args.out, "compare")
+    print(
+        f"gdl-plus compare: {', '.join(variants)}; {args.epochs} epochs each on {kwargs['device']}, "
+        f"data {_source(args, decathlon)}, seed {args.seed}"
+    )
+    results = []
+    with _quiet_libraries():
+        for variant in variants:
+            results.append(train_bundle(variant=variant, out_dir=out / variant, echo=False, **kwargs))
+            r = results[-1]
+            print(f"  {variant:<20} done in {r.seconds:5.0f} s   mean Dice {_fmt(r.final.get('mean', math.nan))}")
+    csv_path, png_path = out / "compare.csv", out / "compare.png"
+    _write_compare_csv(results, csv_path)
+    _plot_compare(results, png_path)
+    print()
+    print(f"Final per-class validation Dice after {args.epochs} epochs (same data and seed):")
+    print(_compare_table(results))
+    print()
+    print(_verdict(results))
+    print()
+    print(f"Table: {csv_path}\nPlot:  {png_path}\nRuns:  {out}/<variant>/ (CSV, TensorBoard, PNG, checkpoint each)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``gdl-plus bench``: delegated to :mod:`monai_gdl_plus.bench`."""
+    from monai_gdl_plus import bench
+
+    return int(bench.run(args))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """``gdl-plus config``: print the path of the shipped bundle config."""
+    print(CONFIG_PATH)
+    return 0
+
+
+def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
+    """The ``gdl-plus`` argument parser.
+
+    Args:
+        with_bench: fill the ``bench`` subcommand's options (imports :mod:`monai_gdl_plus.bench`); without it the
+            subcommand is only listed, so the other commands never import the benchmark.
+    """
+    from monai_gdl_plus import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="gdl-plus",
+        description="Dice-family losses and per-class Dice for MONAI: demo, loss comparison, benchmark.",
+    )
+    parser.add_argument("--version", action="version", version=f"monai_gdl_plus {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="train the shipped bundle briefly, print per-class Dice, write a run folder",
+        description="Train a small 3D UNet (the shipped bundle) on synthetic class-imbalanced volumes "
+        "(or --data), with a progress bar; print per-class Dice and write CSV, TensorBoard and PNG to a run folder.",
+    )  # fmt: skip
+    _common_training_args(demo, DEFAULT_EPOCHS)
+    demo.add_argument(
+        "--loss", default=DEFAULT_VARIANT, metavar="VARIANT",
+        help=f"loss variant ({DEFAULT_VARIANT}); one of {', '.join(VARIANTS)}",
+    )  # fmt: skip
+    demo.set_defaults(func=cmd_demo)
+
+    compare = sub.add_parser(
+        "compare", help="train several loss variants on the same data; which helps the rare class",
+        description="Train the bundle once per loss variant, same data and seed; print one table of final "
+        "per-class Dice, save one plot, and name the variant that helps the rarest class most.",
+    )  # fmt: skip
+    _common_training_args(compare, DEFAULT_COMPARE_EPOCHS)
+    compare.add_argument(
+        "--variants", default=",".join(DEFAULT_COMPARE),
+        help=f"comma-separated ({','.join(DEFAULT_COMPARE)}); available: {', '.join(VARIANTS)}",
+    )  # fmt: skip
+    compare.set_defaults(func=cmd_compare)
+
+    bench = sub.add_parser(
+        "bench", help="loss forward+backward time and peak memory against MONAI's losses, as ratios",
+        description="Time and peak memory of the losses against MONAI's (and nnU-Net's when importable).",
+    )  # fmt: skip
+    if with_bench:
+        from monai_gdl_plus import bench as bench_module
+
+        bench_module.configure_parser(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    config = sub.add_parser("config", help="print the path of the shipped bundle config (train.yaml)")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    # MONAI wraps errors raised while evaluating a config expression in RuntimeError("Failed to evaluate ...")
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``gdl-plus`` and ``python -m monai_gdl_plus``.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 2 for bad input, 1 for an unexpected failure, 130 when interrupted.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(with_bench=command == "bench")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse prints its own one-line usage error
+        return int(e.code or 0)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    prog = f"gdl-plus {args.command}"
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.traceback:
+            raise
+        from monai_gdl_plus.data import DatasetError
+
+        inner = _innermost(e)
+        if isinstance(e, CLIError) or isinstance(inner, DatasetError):
+            print(f"{prog}: error: {_one_line(inner)}", file=sys.stderr)
+            return 2
+        if isinstance(inner, (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)):
+            print(f"{prog}: error: {type(inner).__name__}: {_one_line(inner)}", file=sys.stderr)
+            return 2
+        print(f"{prog}: error: {type(inner).__name__}: {_one_line(inner)} (run with --traceback for details)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Tests of the ``gdl-plus`` command line (monai_gdl_plus.cli), on tiny sizes."""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from monai_gdl_plus import cli
+from monai_gdl_plus.cli import VARIANTS, main
+
+# 2 synthetic volumes of 16^3 (one for training, one for validation), one epoch of one iteration
+TINY = ["--epochs", "1", "--num-samples", "2", "--size", "16", "--batch-size", "1", "--device", "cpu"]
+REPORTED = ["organ", "structure2", "lesion"]
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code: int, err: str, match: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert match in lines[0], lines[0]
+
+
+def _table_rows(out: str, first_cells: list[str]) -> dict[str, list[str]]:
+    rows = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if cells and cells[0] in first_cells:
+            rows[cells[0]] = cells
+    return rows
+
+
+def _write_decathlon(root: Path, **kwargs) -> Path:
+    from test_data import write_decathlon  # the tiny NIfTI folder builder shared with test_data.py
+
+    return write_decathlon(root, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ plumbing
+
+
+def test_console_script_is_registered():
+    scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
+    assert scripts.get("gdl-plus") == "monai_gdl_plus.cli:main"
+
+
+def test_python_dash_m_runs_main(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["monai_gdl_plus", "config"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("monai_gdl_plus", run_name="__main__")
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == str(cli.CONFIG_PATH)
+
+
+def test_config_prints_the_shipped_bundle(capsys):
+    code, out, _ = _run(capsys, "config")
+    assert code == 0 and Path(out.strip()).is_file() and out.strip().endswith("train.yaml")
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = _run(capsys)
+    assert code == 2 and "demo" in out and "compare" in out and "bench" in out
+
+
+def test_version(capsys):
+    from monai_gdl_plus import __version__
+
+    assert main(["--version"]) == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_every_variant_builds_a_loss():
+    from monai.bundle import ConfigParser
+
+    logits, labels = torch.randn(1, 4, 8, 8, 8), torch.randint(0, 4, (1, 1, 8, 8, 8))
+    for name, spec in VARIANTS.items():
+        loss = ConfigParser({"loss": {**cli.LOSS_BASE, **spec}}).get_parsed_content("loss")
+        assert torch.isfinite(loss(logits, labels)), name
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["demo", "--loss", "gdl-squar"], "unknown variant 'gdl-squar' (did you mean 'gdl-square'?)"),
+        (["compare", "--variants", "dice,focal"], "`--variants`: unknown variant 'focal'"),
+        (["compare", "--variants", "dice,dice"], "names a variant twice"),
+        (["compare", "--variants", ","], "`--variants` must name at least one of"),
+        (["demo", "--device", "tpu"], "`--device` must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ],
+)
+def test_bad_options_give_one_line(capsys, tmp_path, argv, match):
+    code, _, err = _run(capsys, *argv, "--out", str(tmp_path / "run"))
+    _assert_one_line_error(code, err, match)
+    assert not (tmp_path / "run").exists()  # nothing written before the input was checked
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["demo", "--size", "20"], "--size must be a multiple of 8"),
+        (["demo", "--size", "8"], "--size must be >= 16"),
+        (["demo", "--epochs", "0"], "--epochs must be >= 1"),
+        (["demo", "--num-samples", "x"], "--num-samples must be an integer"),
+        (["demo", "--lr", "-1"], "--lr must be a positive finite number, got -1"),
+        (["compare", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
+        (["demo", "--unknown"], "unrecognized arguments: --unknown"),
+    ],
+)
+def test_argparse_errors_exit_2(capsys, argv, match):
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and match in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_without_cuda(capsys, tmp_path):
+    code, _, err = _run(capsys, "demo", "--device", "cuda", "--out", str(tmp_path / "r"))
+    _assert_one_line_error(code, err, "CUDA is not available on this machine")
+
+
+def test_out_folder_must_be_new_or_empty(capsys, tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    code, _, err = _run(capsys, "demo", *TINY, "--out", str(tmp_path))
+    _assert_one_line_error(code, err, "already exists and is not an empty folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize(
+    ("breakage", "match"),
+    [
+        ("missing_folder", "does not exist or is not a directory"),
+        ("missing_json", "no dataset.json"),
+        ("malformed_json", "dataset.json: malformed JSON"),
+        ("class_beyond", "contains class 7, but dataset.json 'labels' defines 3 classes (0..2)"),
+    ],
+)
+def test_bad_dataset_gives_one_line(capsys, tmp_path, breakage, match):
+    nib = pytest.importorskip("nibabel")
+    root = _write_decathlon(tmp_path / "Task", num_cases=2, size=16)
+    if breakage == "missing_folder":
+        root = tmp_path / "nowhere"
+    elif breakage == "missing_json":
+        (root / "dataset.json").unlink()
+    elif breakage == "malformed_json":
+        (root / "dataset.json").write_text('{"labels": ')
+    elif breakage == "class_beyond":
+        label = np.zeros((16, 16, 16), dtype=np.uint8)
+        label[3, 3, 3] = 7
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(root / "labelsTr" / "case_1.nii.gz"))
+    for command in ("demo", "compare"):
+        code, _, err = _run(capsys, command, *TINY, "--data", str(root), "--out", str(tmp_path / command))
+        _assert_one_line_error(code, err, match)
+        assert err.startswith(f"gdl-plus {command}: error: ")
+
+
+def test_unexpected_failure_is_one_line_with_a_hint(capsys, tmp_path, monkeypatch):
+    def boom(**kwargs):
+        raise RuntimeError("Failed to evaluate x") from ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(cli, "train_bundle", boom)
+    code, _, err = _run(capsys, "demo", *TINY, "--out", str(tmp_path / "r"))
+    assert code == 1 and "Traceback" not in err
+    assert err.strip() == "gdl-plus demo: error: ZeroDivisionError: division by zero (run with --traceback for details)"
+    with pytest.raises(RuntimeError, match="Failed to evaluate"):
+        main(["--traceback", "demo", *TINY, "--out", str(tmp_path / "r2")])
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def _check_demo_output(out: str, run: Path, epochs: int, reported: list[str]) -> None:
+    rows = _table_rows(out, reported + ["mean"])
+    assert set(rows) == set(reported + ["mean"]), out
+    for name in reported:
+        share, dice = rows[name][1], rows[name][2]
+        assert share.endswith("%") and 0.0 <= float(share[:-1]) <= 100.0
+        assert dice == "n/a" or 0.0 <= float(dice) <= 1.0
+    assert f"Run folder: {run}" in out
+    for name in ("per_class_dice.csv", "per_class_dice.png", "events.out.tfevents.*"):
+        assert name in out  # each output is named where it is printed
+    with open(run / "per_class_dice.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    assert len(history) == epochs and set(reported) <= set(history[0])
+    assert (run / "per_class_dice.png").stat().st_size > 0
+    assert list(run.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_demo_synthetic(capsys, tmp_path):
+    run = tmp_path / "demo"
+    code, out, err = _run(capsys, "demo", *TINY, "--epochs", "2", "--out", str(run))
+    assert code == 0, err
+    _check_demo_output(out, run, 2, REPORTED)
+    lesion = _table_rows(out, ["lesion"])["lesion"]
+    assert lesion[-2:] == ["<-", "rare"]
+    assert 0.0 < float(lesion[1][:-1]) < 1.0  # the synthetic rare class is well under 1% of the voxels
+    assert "epoch [1/2]" in err and "loss=" in err  # the progress bar (tqdm writes to stderr)
+    assert out.count("val Dice") == 2  # one line per validation
+
+
+@pytest.mark.slow
+def test_demo_on_a_decathlon_folder(capsys, tmp_path):
+    pytest.importorskip("nibabel")
+    root = _write_decathlon(tmp_path / "Task", num_cases=2, size=16, num_classes=3)
+    run = tmp_path / "demo"
+    code, out, err = _run(capsys, "demo", *TINY, "--data", str(root), "--no-progress", "--out", str(run))
+    assert code == 0, err
+    assert "data Tiny (2 cases from" in out
+    _check_demo_output(out, run, 1, ["c1", "c2"])
+
+
+@pytest.mark.slow
+def test_compare_two_variants(capsys, tmp_path):
+    run = tmp_path / "cmp"
+    code, out, err = _run(capsys, "compare", *TINY, "--variants", "dice,gdl-square", "--no-progress", "--out", str(run))
+    assert code == 0, err
+    rows = _table_rows(out, ["dice", "gdl-square"])
+    assert set(rows) == {"dice", "gdl-square"}
+    header = next(line for line in out.splitlines() if line.startswith("variant"))
+    assert header.split() == ["variant", *REPORTED, "mean", "time"]
+    for cells in rows.values():
+        assert len(cells) == len(REPORTED) + 3 and cells[-1].endswith("s")
+    assert "Rare class 'lesion'" in out
+    assert (run / "compare.png").stat().st_size > 0
+    with open(run / "compare.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["variant"] for r in table] == ["dice", "gdl-square"]
+    assert (run / "dice" / "per_class_dice.csv").is_file() and (run / "gdl-square" / "per_class_dice.csv").is_file()
+
+
+def test_verdict_names_the_best_variant_for_the_rare_class():
+    def result(variant, lesion):
+        names = ["bg", "organ", "lesion"]
+        r = cli.RunResult(variant, Path("."), names, names[1:], "lesion", {"lesion": 0.003})
+        r.history.append({"organ": 0.9, "lesion": lesion, "mean": (0.9 + lesion) / 2})
+        return r
+
+    text = cli._verdict([result("dice", 0.0), result("gdl-square", 0.4), result("dice+ce", 0.2)])
+    assert "Rare class 'lesion' (0.30% of voxels): gdl-square helps it most (Dice 0.400" in text
+    assert "next best dice+ce 0.200)." in text  # gdl-square also has the best mean here: no caveat
+    organ_lost = result("gdl-square", 0.4)
+    organ_lost.history[-1].update(organ=0.1, mean=0.25)
+    text = cli._verdict([result("dice", 0.0), organ_lost, result("gdl-square+ce", 0.3)])
+    assert "gdl-square helps it most (Dice 0.400; next best gdl-square+ce 0.300)" in text
+    assert text.endswith("at a cost: mean Dice 0.250 vs 0.600 for gdl-square+ce.")
+    assert "no variant segmented it" in cli._verdict([result("dice", 0.0), result("gdl-simple", float("nan"))])
+    assert "tie" in cli._verdict([result("a", 0.5), result("b", 0.5)])
+
+
+@pytest.mark.slow
+def test_bench_tiny(capsys):
+    code, out, err = _run(capsys, "bench", "--shape", "1,3,8,8,8", "--rounds", "1", "--warmup", "0", "--no-memory")
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if line.startswith("loss") and "t/MONAI" in line)
+    end = header.index("t/MONAI") + len("t/MONAI")  # right-aligned columns: the ratio ends where its header does
+    ours = [line for line in out.splitlines() if line.startswith(("DicePlusLoss ", "GeneralizedDicePlusLoss "))]
+    assert len(ours) == 2, out
+    for line in ours:
+        assert float(line[:end].split()[-1]) > 0  # a time ratio against MONAI's counterpart, measured in this run
