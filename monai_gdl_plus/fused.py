@@ -25,7 +25,7 @@ __all__ = ["fused_label_terms"]
 
 # elements per chunk of temporaries: cache-sized on CPU; on accelerators large enough to keep kernels busy and
 # small enough (64 MiB in float32) that the temporaries stay far below the logits' size
-_CHUNK_ELEMENTS = {"cpu": 1 << 18}
+_CHUNK_ELEMENTS = {"cpu": 1 << 19}
 _DEFAULT_CHUNK = 1 << 24
 
 
@@ -154,7 +154,7 @@ def _backward_in_place(p, labels, mask, ce_weight, true_p, g_inter, g_psum, g_nl
             ce_v = g_nll.to(p.dtype) * (torch.ones_like(true_p) if ce_weight is None else ce_weight[labels].to(p.dtype))
             if m is not None:
                 ce_v = ce_v * m
-    step = _step(p)
+    step = max(1, _step(p) // 2)  # half-size chunks: the backward's temporaries are what sets the peak
     beta = g_psum[:, :, None]
     for lo in range(0, n, step):
         hi = min(n, lo + step)
@@ -180,12 +180,14 @@ def _backward_in_place(p, labels, mask, ce_weight, true_p, g_inter, g_psum, g_nl
                 factor = factor * mc
             pc.mul_(factor)
     # true-class corrections: + m gI_t p_t (softmax) or + m gI_t p_t (1 - p_t) (sigmoid); CE: - g_nll m w_t
-    corr = gi_t * true_p * (1.0 - true_p) if not softmax else gi_t * true_p
+    corr = gi_t.mul_(true_p)  # in place: gi_t is not needed any more, and (B, N) buffers add up at C ~ 100
+    if not softmax:
+        corr.sub_(corr * true_p)
     if m is not None:
-        corr = corr * m
+        corr.mul_(m)
     if softmax and with_ce and g_nll is not None:
-        corr = corr - ce_v
-    p.scatter_add_(1, labels[:, None], corr[:, None].to(p.dtype))
+        corr.sub_(ce_v)
+    p.scatter_add_(1, labels[:, None], corr[:, None])
     return p
 
 
