@@ -18,9 +18,6 @@ the saved logits; double backward (``create_graph=True``) is not supported (``on
 
 from __future__ import annotations
 
-import ctypes
-import sys
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -30,38 +27,6 @@ __all__ = ["fused_label_terms"]
 # small enough (64 MiB in float32) that the temporaries stay far below the logits' size
 _CHUNK_ELEMENTS = {"cpu": 1 << 19}
 _DEFAULT_CHUNK = 1 << 24
-
-
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-def _load_libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()
-
-
-def _advise_huge_pages(t: torch.Tensor) -> None:
-    """Ask Linux for transparent huge pages on a fresh, large CPU buffer before it is first written.
-
-    The activation buffer is the one logits-sized allocation of the step; with 4 KiB pages its first touch costs
-    a page fault every 4 KiB (about 2.5 GB/s here, the largest single cost of the forward). ``madvise`` covers
-    only this buffer (PyTorch's ``THP_MEM_ALLOC_ENABLE`` would change every allocation of the process); where
-    THP is off or unsupported the call is a no-op.
-    """
-    if _LIBC is None or t.device.type != "cpu" or t.nbytes < 8 * _HUGE_PAGE:
-        return
-    start = (t.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
-    end = (t.data_ptr() + t.nbytes) & ~(_HUGE_PAGE - 1)
-    if end > start:
-        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
 
 
 def _step(p: torch.Tensor) -> int:
@@ -89,7 +54,6 @@ def _forward_chunks(
     """
     b, c, n = x.shape
     p = torch.empty((b, c, n), dtype=dtype, device=x.device)
-    _advise_huge_pages(p)
     true_p = torch.empty((b, n), dtype=dtype, device=x.device)
     psum = torch.zeros((b, c), dtype=torch.float64, device=x.device)
     lse = torch.empty((b, n), dtype=dtype, device=x.device) if with_lse else None
