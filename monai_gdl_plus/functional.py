@@ -31,6 +31,8 @@ from monai_gdl_plus.fused import fused_label_terms
 
 __all__ = [
     "REDUCTIONS",
+    "dense_ignore_mask",
+    "plain_tensor",
     "W_TYPES",
     "ABSENT_WEIGHTS",
     "DiceTerms",
@@ -179,8 +181,8 @@ def check_args(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    """Drop tensor subclasses such as MONAI's MetaTensor (autograd-transparent)."""
+def plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Drop tensor subclasses such as MONAI's MetaTensor (autograd-transparent; plain ops are faster)."""
     if type(x) is not torch.Tensor and isinstance(x, torch.Tensor):
         return x.as_subclass(torch.Tensor)
     return x
@@ -284,7 +286,7 @@ def _label_map(
     return torch.where(valid, t, torch.zeros_like(t)), valid.to(torch.float32)
 
 
-def _dense_mask(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor | None:
+def dense_ignore_mask(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor | None:
     """MONAI's ignore mask for a dense target (B, C, N): label compare for one channel; one-hot rules otherwise."""
     if ignore_index is None:
         return None
@@ -324,7 +326,7 @@ def prepare(
         ValueError: shapes that do not match, label values outside [0, C) other than ``ignore_index``,
             a non-binary target without ``soft_label``, NaN/Inf in ``input`` with ``validate=True``.
     """
-    input = _plain(input)
+    input = plain_tensor(input)
     prep = _prepare_target(
         input, target, include_background=include_background, to_onehot_y=to_onehot_y, soft_label=soft_label,
         ignore_index=ignore_index, validate=validate,
@@ -344,7 +346,7 @@ def _prepare_target(
     validate: bool,
 ) -> Prepared:
     """:func:`prepare` without the activation: ``probs`` holds the (B, C, N) view of the raw ``input``."""
-    input, target = _plain(input), _plain(target)
+    input, target = plain_tensor(input), plain_tensor(target)
     _check_shapes(input, target)
     if validate and _checks_enabled(input):
         if not bool(torch.isfinite(input).all()):
@@ -375,7 +377,7 @@ def _prepare_target(
         dense = target.reshape(b, num_ch, -1)
         if not dense.is_floating_point() or dense.dtype in _LOW_PRECISION:
             dense = dense.to(dtype)
-        mask = _dense_mask(dense, ignore_index)
+        mask = dense_ignore_mask(dense, ignore_index)
         if not soft_label and _checks_enabled(dense):
             counted = dense if mask is None else dense * mask[:, None]
             _value_check(
@@ -491,11 +493,11 @@ def per_class_terms(
     Shapes:
         probs (B, C, *S); target (B, C, *S) | (B, 1, *S) | (B, *S); output (B, C) each.
     """
-    probs, target = _plain(probs), _plain(target)
+    probs, target = plain_tensor(probs), plain_tensor(target)
     b, num_ch = probs.shape[:2]
     p = probs.float() if probs.dtype in _LOW_PRECISION else probs
     p = p.reshape(b, num_ch, -1)
-    m = None if mask is None else _plain(mask).reshape(b, -1).to(p.dtype)
+    m = None if mask is None else plain_tensor(mask).reshape(b, -1).to(p.dtype)
     dense = target.ndim == probs.ndim and target.shape[1] == num_ch and not (num_ch == 1 and not target.is_floating_point())
     if dense:
         t = target.reshape(b, num_ch, -1)
@@ -521,7 +523,7 @@ def label_terms(
     Returns:
         :class:`DiceTerms` of int64 (B, C) counts: true positives, predicted voxels, true voxels per class.
     """
-    pred_labels, target_labels = _plain(pred_labels), _plain(target_labels)
+    pred_labels, target_labels = plain_tensor(pred_labels), plain_tensor(target_labels)
     if pred_labels.shape != target_labels.shape:
         raise ValueError(
             f"`pred_labels` and `target_labels` must have the same shape, got {tuple(pred_labels.shape)} "
@@ -697,7 +699,7 @@ def cross_entropy_term(
 
     Ignored voxels are left out; ``class_weight`` is CE's ``weight`` or BCE's ``pos_weight``.
     """
-    x = _plain(input)
+    x = plain_tensor(input)
     x = x.float() if x.dtype in _LOW_PRECISION else x
     b, num_ch = x.shape[:2]
     x = x.reshape(b, num_ch, -1)
@@ -763,7 +765,7 @@ def _loss_parts(
     A label map with a softmax or sigmoid takes the fused one-hot-free path (:mod:`monai_gdl_plus.fused`, analytic
     in-place backward); everything else, and any ``torch.compile`` trace, the plain autograd path.
     """
-    x = _plain(input)
+    x = plain_tensor(input)
     prep = _prepare_target(
         x, target, include_background=o["include_background"], to_onehot_y=o["to_onehot_y"],
         soft_label=o["soft_label"], ignore_index=o["ignore_index"], validate=o["validate"],

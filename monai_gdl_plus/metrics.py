@@ -18,7 +18,7 @@ from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-from monai_gdl_plus.functional import _dense_mask, check_option, label_terms, per_class_terms
+from monai_gdl_plus.functional import check_option, dense_ignore_mask, label_terms, per_class_terms, plain_tensor
 
 __all__ = ["PerClassDice", "ACTIVATIONS", "AGGREGATIONS"]
 
@@ -29,11 +29,6 @@ AGGREGATIONS = ("global", "per_image")
 _CPU_CHUNK = 1 << 16
 # float32 sums of 0/1 values are exact below 2**24 per (sample, class)
 _EXACT_FLOAT32 = 1 << 24
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    """Drop tensor subclasses (MONAI's MetaTensor): the metric needs raw data, and plain ops are faster."""
-    return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
 
 
 def _argmax_channels(x: torch.Tensor) -> torch.Tensor:
@@ -335,7 +330,7 @@ class PerClassDice(Metric):
         )
 
     def _update_batch(self, y_pred: torch.Tensor, y: torch.Tensor) -> None:
-        y_pred, y = _plain(y_pred.detach()), _plain(y.detach())
+        y_pred, y = plain_tensor(y_pred.detach()), plain_tensor(y.detach())
         pred_kind, true_kind = self._layout(y_pred, y)
         if self.activation == "sigmoid":
             tp, psum, tsum = self._sigmoid_counts(y_pred, y, true_kind)
@@ -374,6 +369,9 @@ class PerClassDice(Metric):
             if self.ignore_index is not None:
                 ok = ok | (t == self.ignore_index)
             torch._assert_async(ok.all(), f"`y` label values must lie in [0, {self.num_classes}) or equal ignore_index")
+            if pred_kind != "dense":  # a predicted label map out of range would land in a neighbouring bin
+                q = pred_labels
+                torch._assert_async(((q >= 0) & (q < self.num_classes)).all(), "`y_pred` label values out of range")
         try:
             return tuple(label_terms(pred_labels, true_labels, self.num_classes, self.ignore_index))  # type: ignore
         except ValueError:
@@ -402,7 +400,7 @@ class PerClassDice(Metric):
             # one channel: any layout of y is the binary mask of that channel
             target = y.reshape(b, c, -1)
             target = target.to(dtype) if target.dtype != dtype else target
-            mask = _dense_mask(target, ii)
+            mask = dense_ignore_mask(target, ii)
             counted = target if mask is None else target * mask[:, None]  # ignored voxels may hold any label
             if target.device.type == "cpu" and not bool(((counted == 0) | (counted == 1)).all()):
                 raise ValueError("`y` must be binary (0/1 per channel) for activation='sigmoid', got other values.")
