@@ -79,7 +79,8 @@ def check_parity() -> bool:
     for inc_bg, squared, batch, jaccard, act in grid:
         kw = dict(include_background=inc_bg, to_onehot_y=True, batch=batch, **{act: True})
         pairs = [
-            (DiceLoss(squared_pred=squared, jaccard=jaccard, **kw), DicePlusLoss(squared_pred=squared, jaccard=jaccard, **kw)),
+            (DiceLoss(squared_pred=squared, jaccard=jaccard, **kw),
+             DicePlusLoss(squared_pred=squared, jaccard=jaccard, **kw)),  # fmt: skip
             (GeneralizedDiceLoss(**kw), GeneralizedDicePlusLoss(normalize_weights=False, **kw)),
         ]
         if act == "softmax":
@@ -121,7 +122,8 @@ def check_metric_sync_free() -> bool:
         cpu = PerClassDice(4, **kw)
         cpu.update((x.cpu(), y.cpu()))
         cpu.update((x.cpu(), y.cpu()))
-        same = all((a != a and b != b) or abs(a - b) < 1e-9 for a, b in zip(m.compute().values(), cpu.compute().values()))
+        pairs = zip(m.compute().values(), cpu.compute().values())
+        same = all((a != a and b != b) or abs(a - b) < 1e-9 for a, b in pairs)
         ok = ok and same
         print(f"[{'ok' if res == 'no sync' and same else 'FAIL'}]   PerClassDice.update {kw}: {res}, cuda==cpu: {same}")
     return ok

@@ -310,7 +310,6 @@ def measure_floor(device: str = "cpu", nbytes: int = 256 * 2**20, repeats: int =
     dst = torch.empty_like(src).zero_()
     t_copy = _median_time(lambda: dst.copy_(src), device, repeats)
     t_exp = _median_time(lambda: torch.exp(src, out=dst), device, repeats)
-    del src, dst
     return {"bandwidth_gbs": 2 * n * 4 / t_copy / 1e9, "exp_ns": t_exp / n * 1e9}
 
 

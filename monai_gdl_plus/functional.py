@@ -117,7 +117,9 @@ def check_weight(weight: Sequence[float] | float | int | torch.Tensor | None) ->
     except (TypeError, ValueError, RuntimeError) as e:
         raise TypeError(f"`weight` must be a number, a sequence of numbers or a tensor, got {weight!r}.") from e
     if w.ndim > 1:
-        raise ValueError(f"`weight` must be a scalar or a 1-D sequence (one value per class), got shape {tuple(w.shape)}.")
+        raise ValueError(
+            f"`weight` must be a scalar or a 1-D sequence (one value per class), got shape {tuple(w.shape)}."
+        )
     if w.device.type == "cpu" and (not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
         raise ValueError(f"`weight` values must be finite and no less than 0, got {w.tolist()}.")
     return w
@@ -498,7 +500,8 @@ def per_class_terms(
     p = probs.float() if probs.dtype in _LOW_PRECISION else probs
     p = p.reshape(b, num_ch, -1)
     m = None if mask is None else plain_tensor(mask).reshape(b, -1).to(p.dtype)
-    dense = target.ndim == probs.ndim and target.shape[1] == num_ch and not (num_ch == 1 and not target.is_floating_point())
+    one_channel_labels = num_ch == 1 and not target.is_floating_point()
+    dense = target.ndim == probs.ndim and target.shape[1] == num_ch and not one_channel_labels
     if dense:
         t = target.reshape(b, num_ch, -1)
         t = t.to(p.dtype) if (not t.is_floating_point() or t.dtype != p.dtype) else t

@@ -150,7 +150,7 @@ class PerClassDice(Metric):
         aggregation: Literal["global", "per_image"] = "global",
         prefix: str = "dice",
         output_transform: Callable[[Any], Any] = lambda x: x,
-        device: str | torch.device = torch.device("cpu"),
+        device: str | torch.device = "cpu",
     ) -> None:
         self.activation = None if activation is None else check_option("activation", activation, ACTIVATIONS)
         self.aggregation = check_option("aggregation", aggregation, AGGREGATIONS)

@@ -110,7 +110,12 @@ def test_monai_supervised_trainer_and_evaluator(tmp_path, caplog):
     from monai.data import DataLoader, Dataset
     from monai.engines import SupervisedEvaluator, SupervisedTrainer
     from monai.handlers import (
-        CheckpointSaver, MeanDice, StatsHandler, TensorBoardStatsHandler, ValidationHandler, from_engine,
+        CheckpointSaver,
+        MeanDice,
+        StatsHandler,
+        TensorBoardStatsHandler,
+        ValidationHandler,
+        from_engine,
     )  # fmt: skip
     from monai.transforms import AsDiscreted, Compose
 
