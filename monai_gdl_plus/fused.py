@@ -29,6 +29,28 @@ _CHUNK_ELEMENTS = {"cpu": 1 << 19}
 _DEFAULT_CHUNK = 1 << 24
 
 
+_BLOCK = 4096  # voxels per partial histogram on accelerators
+
+
+def _class_sums(values: torch.Tensor, labels: torch.Tensor, num_classes: int, blocked: bool) -> torch.Tensor:
+    """``out[b, c] = sum(values[b, n] for n with labels[b, n] == c)`` in float64, without a one-hot.
+
+    CPU: one float64 scatter-add (it adds sequentially, so float32 would drift on large volumes). Accelerators
+    (``blocked``): atomic adds onto only C counters serialise, so each block of ``_BLOCK`` voxels gets its own
+    float32 histogram, and the (B, blocks, C) partial sums are added in float64.
+    """
+    b, n = labels.shape
+    if not blocked:
+        out = torch.zeros(b, num_classes, dtype=torch.float64, device=labels.device)
+        return out.scatter_add_(1, labels, values.double())
+    blocks = -(-n // _BLOCK)
+    block_of = torch.arange(n, device=labels.device) // _BLOCK
+    idx = torch.add(labels, block_of, alpha=num_classes)  # block * C + label
+    partial = torch.zeros(b, blocks * num_classes, dtype=torch.float32, device=labels.device)
+    partial.scatter_add_(1, idx, values.float())
+    return partial.view(b, blocks, num_classes).sum(1, dtype=torch.float64)
+
+
 def _step(p: torch.Tensor) -> int:
     """Voxels per chunk of temporaries (see ``_CHUNK_ELEMENTS``)."""
     b, c = p.shape[:2]
@@ -47,20 +69,15 @@ def _forward_chunks(
     """Activation ``p`` written chunk by chunk into one buffer, plus what the terms need while a chunk is hot.
 
     Returns ``p`` (B, C, N), the true-class probability (B, N), the masked prediction sums (B, C) accumulated in
-    float64, the log-sum-exp per voxel (B, N) for the CE term (or None), and on accelerators the masked
-    intersection and target volume (B, C) (else None: the CPU takes them by scatter-add, which on a GPU would
-    serialise on C atomic counters). Going over the voxels in cache-sized chunks beats ``torch.softmax`` over
-    the channel axis on CPU and yields ``lse = max + log(sum)`` for free.
+    float64, and the log-sum-exp per voxel (B, N) for the CE term (or None). Going over the voxels in
+    cache-sized chunks beats ``torch.softmax`` over the channel axis on CPU and yields ``lse = max + log(sum)``
+    for free.
     """
     b, c, n = x.shape
     p = torch.empty((b, c, n), dtype=dtype, device=x.device)
     true_p = torch.empty((b, n), dtype=dtype, device=x.device)
     psum = torch.zeros((b, c), dtype=torch.float64, device=x.device)
     lse = torch.empty((b, n), dtype=dtype, device=x.device) if with_lse else None
-    by_compare = x.device.type != "cpu"
-    inter = torch.zeros((b, c), dtype=torch.float64, device=x.device) if by_compare else None
-    tsum = torch.zeros((b, c), dtype=torch.float64, device=x.device) if by_compare else None
-    classes = torch.arange(c, device=x.device)[:, None] if by_compare else None
     step = _step(p)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
@@ -78,17 +95,7 @@ def _forward_chunks(
         true_p[:, lo:hi] = pc.gather(1, labels[:, None, lo:hi]).squeeze(1)
         qc = pc * pc if squared else pc
         psum += qc.sum(-1) if mask is None else torch.bmm(qc, mask[:, lo:hi, None]).squeeze(-1)
-        if by_compare:  # class membership of this chunk only: (B, C, chunk), never the whole volume
-            member = labels[:, None, lo:hi] == classes
-            hit = torch.where(member, pc, 0.0)
-            counted = member.to(dtype)
-            if mask is None:
-                inter += hit.sum(-1)
-                tsum += counted.sum(-1)
-            else:
-                inter += torch.bmm(hit, mask[:, lo:hi, None]).squeeze(-1)
-                tsum += torch.bmm(counted, mask[:, lo:hi, None]).squeeze(-1)
-    return p, true_p, psum.to(dtype), lse, inter, tsum
+    return p, true_p, psum.to(dtype), lse
 
 
 class _FusedLabelTerms(torch.autograd.Function):
@@ -96,14 +103,11 @@ class _FusedLabelTerms(torch.autograd.Function):
     def forward(ctx, x, labels, mask, ce_weight, softmax: bool, squared: bool, with_ce: bool):  # noqa: D102
         dtype = torch.promote_types(x.dtype, torch.float32)
         b, c = x.shape[:2]
-        p, true_p, psum, lse, inter, tsum = _forward_chunks(x, labels, mask, softmax, squared, dtype, with_ce)
-        if inter is None:
-            # float64 accumulation: scatter_add sums sequentially, float32 would drift on large volumes
-            w_true_p = true_p if mask is None else true_p * mask
-            inter = torch.zeros(b, c, dtype=torch.float64, device=x.device).scatter_add_(1, labels, w_true_p.double())
-            counted = torch.ones_like(true_p) if mask is None else mask
-            tsum = torch.zeros(b, c, dtype=torch.float64, device=x.device).scatter_add_(1, labels, counted.double())
-        inter, tsum = inter.to(dtype), tsum.to(dtype)
+        p, true_p, psum, lse = _forward_chunks(x, labels, mask, softmax, squared, dtype, with_ce)
+        blocked = x.device.type != "cpu"
+        inter = _class_sums(true_p if mask is None else true_p * mask, labels, c, blocked).to(dtype)
+        counted = torch.ones_like(true_p) if mask is None else mask
+        tsum = _class_sums(counted, labels, c, blocked).to(dtype)
         nll = torch.zeros((), dtype=dtype, device=x.device)
         if with_ce:
             logp_t = x.gather(1, labels[:, None]).squeeze(1).to(dtype) - lse
