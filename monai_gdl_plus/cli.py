@@ -226,6 +226,7 @@ def train_bundle(
     seed: int = 0,
     progress: bool = True,
     echo: bool = True,
+    quiet_errors: bool = False,
 ) -> RunResult:
     """Train the shipped bundle once with one loss variant, through MONAI's ``ConfigWorkflow``.
 
@@ -271,6 +272,9 @@ def train_bundle(
     data, trainer, evaluator = parsed("data"), parsed("train#trainer"), parsed("validate#evaluator")
     for name in _QUIET_LOGGERS:  # the handlers reset their own loggers to INFO when built
         logging.getLogger(name).setLevel(logging.WARNING)
+    if quiet_errors:  # the CLI reports a failure (or Ctrl-C) in one line; MONAI and Ignite would log tracebacks
+        for logger in [logging.getLogger(n) for n in _QUIET_LOGGERS] + [trainer.logger, evaluator.logger]:
+            logger.addFilter(_below_error)
 
     metric = parsed("validate#per_class_dice")
     reported = [metric.class_names[c] for c in metric.reported]
@@ -299,10 +303,20 @@ def train_bundle(
 
     evaluator.add_event_handler(Events.COMPLETED, record)
     start = time.perf_counter()
-    workflow.run()
-    workflow.finalize()
+    try:
+        workflow.run()
+        workflow.finalize()
+    finally:  # TensorBoard writers run a thread each: close them, also after a failure or Ctrl-C
+        handlers = [*parsed("train#handlers"), *parsed("validate#handlers"), parsed("validate#per_class_dice_logger")]
+        for handler in handlers:
+            if hasattr(handler, "close"):
+                handler.close()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 def _rare_index(data: Any, decathlon: Any) -> int:
@@ -458,7 +472,7 @@ def _train_kwargs(args: argparse.Namespace, decathlon: Any) -> dict[str, Any]:
     return dict(
         epochs=args.epochs, device=_resolve_device(args.device), data_dir=args.data, decathlon=decathlon,
         num_samples=args.num_samples, size=args.size, batch_size=args.batch_size, learning_rate=args.lr,
-        seed=args.seed, progress=args.progress,
+        seed=args.seed, progress=args.progress, quiet_errors=not args.traceback,
     )  # fmt: skip
 
 

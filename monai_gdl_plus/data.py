@@ -369,6 +369,12 @@ def load_decathlon(data_dir: str | Path, *, check_labels: bool = True) -> Decath
         counts = np.zeros(len(class_names), dtype=np.int64)
         for item in items:
             shape = first_shape if item is items[0] else _nifti_shape(item["image"])
+            channels = shape[3] if len(shape) == 4 else 1
+            if len(shape) not in (3, 4) or channels != in_channels:
+                raise DatasetError(
+                    f"image {item['image']} has shape {shape}: every image must be 3D or 4D with {in_channels} "
+                    f"channel(s), like {items[0]['image']}"
+                )
             counts += check_label_file(item["label"], len(class_names), shape)
         class_voxels = tuple(int(c) for c in counts)
     name = str(meta.get("name") or root.name)
