@@ -312,3 +312,11 @@ def test_bundle_data_decathlon_picks_rarest_class(tmp_path):
     assert (len(data.train), len(data.val)) == (2, 1)
     assert data.rare_class == 1
     assert all(isinstance(x["image"], str) for x in data.train + data.val)
+
+
+def test_load_decathlon_rejects_an_image_with_another_channel_count(tmp_path):
+    root = write_decathlon(tmp_path / "mixed", num_cases=3, channels=2)
+    odd = np.zeros((16, 16, 16, 3), dtype=np.float32)
+    nib.save(nib.Nifti1Image(odd, np.eye(4)), str(root / "imagesTr" / "case_2.nii.gz"))
+    with pytest.raises(DatasetError, match=r"case_2.nii.gz has shape \(16, 16, 16, 3\).*2 channel"):
+        load_decathlon(root)
