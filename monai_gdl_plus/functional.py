@@ -31,6 +31,8 @@ from monai_gdl_plus.fused import fused_label_terms
 
 __all__ = [
     "REDUCTIONS",
+    "check_integer_labels",
+    "check_label_range",
     "dense_ignore_mask",
     "plain_tensor",
     "W_TYPES",
@@ -250,41 +252,60 @@ def _check_shapes(input: torch.Tensor, target: torch.Tensor) -> None:
         )
 
 
+def check_integer_labels(labels: torch.Tensor, name: str = "target", validate: bool = False) -> None:
+    """A floating label map must hold whole numbers: ValueError naming ``name`` (see :func:`_value_check`)."""
+    if (labels.is_floating_point() or labels.is_complex()) and _checks_enabled(labels):
+        _value_check(
+            (labels == torch.round(labels)).all(),
+            f"`{name}` label map must hold integer class indices, got non-integer values.",
+            validate,
+        )
+
+
+def check_label_range(
+    labels: torch.Tensor,
+    num_classes: int,
+    ignore_index: int | None = None,
+    *,
+    name: str = "target",
+    validate: bool = False,
+) -> None:
+    """Every label in [0, num_classes) or equal to ``ignore_index``, without a host sync on an accelerator.
+
+    CPU tensors (or ``validate=True``): a ValueError naming ``name`` and listing the offending values. CUDA: an
+    asynchronous device assertion. Skipped while ``torch.compile`` traces and on the meta device.
+    """
+    if not _checks_enabled(labels):
+        return
+    valid = None if ignore_index is None else labels != ignore_index
+    if valid is None:  # one pass, no full-size temporaries
+        lo, hi = torch.aminmax(labels)
+        ok = (lo >= 0) & (hi < num_classes)
+    else:
+        ok = (((labels >= 0) & (labels < num_classes)) | ~valid).all()
+    msg = f"`{name}` label values must lie in [0, {num_classes})" + (
+        "" if ignore_index is None else f" or equal `ignore_index`={ignore_index}"
+    )
+    if labels.device.type == "cpu" or validate:
+        if not bool(ok):
+            bad = (labels < 0) | (labels >= num_classes)
+            bad = bad if valid is None else bad & valid
+            raise ValueError(f"{msg}, got {torch.unique(labels[bad])[:8].tolist()}.")
+    else:
+        _value_check(ok, msg + ".", validate)
+
+
 def _label_map(
     target: torch.Tensor, num_classes: int, ignore_index: int | None, validate: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Integer labels (B, N) with ignored voxels mapped to 0, and the keep-mask (B, N) or None."""
     t = target.reshape(target.shape[0], -1)
-    if t.is_floating_point() or t.is_complex():
-        if _checks_enabled(t):
-            _value_check(
-                (t == torch.round(t)).all(),
-                "`target` label map must hold integer class indices, got non-integer values.",
-                validate,
-            )
-        t = t.long()
-    elif t.dtype != torch.long:
-        t = t.long()
-    valid = None if ignore_index is None else t != ignore_index
-    if _checks_enabled(t):
-        if valid is None:  # one pass, no full-size temporaries
-            lo, hi = torch.aminmax(t)
-            ok = (lo >= 0) & (hi < num_classes)
-        else:
-            ok = ((t >= 0) & (t < num_classes)) | ~valid
-        msg = (
-            f"`target` label values must lie in [0, {num_classes}) (the number of channels of `input`)"
-            + ("" if ignore_index is None else f" or equal `ignore_index`={ignore_index}")
-        )
-        if t.device.type == "cpu" or validate:
-            if not bool(ok.all()):
-                bad_values = ((t < 0) | (t >= num_classes)) & (True if valid is None else valid)
-                bad = torch.unique(t[bad_values])[:8].tolist()
-                raise ValueError(f"{msg}, got {bad}.")
-        else:
-            _value_check(ok.all(), msg + ".", validate)
-    if valid is None:
+    check_integer_labels(t, "target", validate)
+    t = t.long()
+    check_label_range(t, num_classes, ignore_index, name="target", validate=validate)
+    if ignore_index is None:
         return t, None
+    valid = t != ignore_index
     return torch.where(valid, t, torch.zeros_like(t)), valid.to(torch.float32)
 
 
@@ -513,7 +534,12 @@ def per_class_terms(
 
 
 def label_terms(
-    pred_labels: torch.Tensor, target_labels: torch.Tensor, num_classes: int, ignore_index: int | None = None
+    pred_labels: torch.Tensor,
+    target_labels: torch.Tensor,
+    num_classes: int,
+    ignore_index: int | None = None,
+    *,
+    names: tuple[str, str] = ("pred_labels", "target_labels"),
 ) -> DiceTerms:
     """Hard per-class counts from two integer label maps, without one-hot tensors (the metric's core).
 
@@ -522,6 +548,7 @@ def label_terms(
         target_labels: true class per voxel, same shape; values in [0, num_classes) or ``ignore_index``.
         num_classes: number of classes C.
         ignore_index: voxels whose target equals it are left out of all three counts.
+        names: the two arguments' names in range errors (a caller's own names, e.g. ``("y_pred", "y")``).
 
     Returns:
         :class:`DiceTerms` of int64 (B, C) counts: true positives, predicted voxels, true voxels per class.
@@ -535,12 +562,9 @@ def label_terms(
     b = pred_labels.shape[0]
     p = pred_labels.reshape(b, -1).long()
     t = target_labels.reshape(b, -1).long()
+    check_label_range(t, num_classes, ignore_index, name=names[1])
+    check_label_range(p, num_classes, name=names[0])  # an out-of-range prediction would land in a wrong bin
     valid = None if ignore_index is None else t != ignore_index
-    if _checks_enabled(t) and t.device.type == "cpu":
-        lo_t, hi_t = torch.aminmax(t if valid is None else torch.where(valid, t, 0))
-        lo_p, hi_p = torch.aminmax(p)
-        if bool(lo_t < 0) or bool(hi_t >= num_classes) or bool(lo_p < 0) or bool(hi_p >= num_classes):
-            raise ValueError(f"label values must lie in [0, {num_classes}) (or equal `ignore_index`={ignore_index}).")
     # one confusion count per sample: bin (b, t, p); ignored voxels go to one extra bin at the end
     c = num_classes
     bins = b * c * c

@@ -18,7 +18,15 @@ from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-from monai_gdl_plus.functional import check_option, dense_ignore_mask, label_terms, per_class_terms, plain_tensor
+from monai_gdl_plus.functional import (
+    check_integer_labels,
+    check_label_range,
+    check_option,
+    dense_ignore_mask,
+    label_terms,
+    per_class_terms,
+    plain_tensor,
+)
 
 __all__ = ["PerClassDice", "ACTIVATIONS", "AGGREGATIONS"]
 
@@ -55,12 +63,6 @@ def _argmax_channels(x: torch.Tensor) -> torch.Tensor:
         first = ((part == top) * rev).amax(1)
         torch.sub(c - 1, first, out=out[:, s : s + chunk])
     return out
-
-
-def _check_integer(t: torch.Tensor, name: str) -> None:
-    """A floating label map must hold whole numbers (checked on CPU, where it costs no device sync)."""
-    if t.is_floating_point() and t.device.type == "cpu" and not bool((t == torch.trunc(t)).all()):
-        raise ValueError(f"`{name}` label map must hold integer class indices, got non-integer values.")
 
 
 class PerClassDice(Metric):
@@ -342,7 +344,7 @@ class PerClassDice(Metric):
         """Integer target labels (B, N); a one-hot target is reduced by argmax, its ignored voxels relabelled."""
         b = y.shape[0]
         if kind != "dense":
-            _check_integer(y, "y")
+            check_integer_labels(y, "y")
             return y.reshape(b, -1)
         labels = _argmax_channels(y)
         ii = self.ignore_index
@@ -359,31 +361,11 @@ class PerClassDice(Metric):
         if pred_kind == "dense":
             pred_labels = _argmax_channels(y_pred)
         else:
-            _check_integer(y_pred, "y_pred")
+            check_integer_labels(y_pred, "y_pred")
             pred_labels = y_pred.reshape(b, -1)
         true_labels = self._target_labels(y, true_kind)
-        if true_labels.device.type == "cuda":
-            # label_terms checks ranges on CPU only; here an asynchronous device assertion, no host sync
-            t = true_labels
-            ok = (t >= 0) & (t < self.num_classes)
-            if self.ignore_index is not None:
-                ok = ok | (t == self.ignore_index)
-            torch._assert_async(ok.all(), f"`y` label values must lie in [0, {self.num_classes}) or equal ignore_index")
-            if pred_kind != "dense":  # a predicted label map out of range would land in a neighbouring bin
-                q = pred_labels
-                torch._assert_async(((q >= 0) & (q < self.num_classes)).all(), "`y_pred` label values out of range")
-        try:
-            return tuple(label_terms(pred_labels, true_labels, self.num_classes, self.ignore_index))  # type: ignore
-        except ValueError:
-            ii, c = self.ignore_index, self.num_classes
-            t = true_labels.long()
-            bad_t = t[((t < 0) | (t >= c)) & (t != ii if ii is not None else True)]
-            p = pred_labels.long()
-            name, bad = ("y", bad_t) if bad_t.numel() else ("y_pred", p[(p < 0) | (p >= c)])
-            allowed = f"[0, {c})" + ("" if ii is None or name == "y_pred" else f" or equal `ignore_index`={ii}")
-            raise ValueError(
-                f"`{name}` label values must lie in {allowed}, got {torch.unique(bad)[:8].tolist()}."
-            ) from None
+        terms = label_terms(pred_labels, true_labels, self.num_classes, self.ignore_index, names=("y_pred", "y"))
+        return tuple(terms)  # type: ignore[return-value]
 
     def _sigmoid_counts(
         self, y_pred: torch.Tensor, y: torch.Tensor, true_kind: str
@@ -405,19 +387,10 @@ class PerClassDice(Metric):
             if target.device.type == "cpu" and not bool(((counted == 0) | (counted == 1)).all()):
                 raise ValueError("`y` must be binary (0/1 per channel) for activation='sigmoid', got other values.")
         else:
-            _check_integer(y, "y")
+            check_integer_labels(y, "y")
             labels = y.reshape(b, -1).long()
+            check_label_range(labels, c, ii, name="y")
             valid = None if ii is None else labels != ii
-            if labels.device.type == "cpu":
-                ok = (labels >= 0) & (labels < c)
-                ok = ok if valid is None else ok | ~valid
-                if not bool(ok.all()):
-                    bad = torch.unique(labels[~ok])[:8].tolist()
-                    raise ValueError(
-                        f"`y` label values must lie in [0, {c})"
-                        + ("" if ii is None else f" or equal `ignore_index`={ii}")
-                        + f", got {bad}."
-                    )
             if valid is not None:
                 labels = torch.where(valid, labels, torch.zeros_like(labels))
                 mask = valid
