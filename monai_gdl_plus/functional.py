@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from monai.utils import look_up_option
 
-from monai_gdl_plus.fused import fused_label_terms
+from monai_gdl_plus.fused import class_sums, fused_label_terms
 
 __all__ = [
     "REDUCTIONS",
@@ -428,12 +428,6 @@ def _prepare_target(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _scatter_sum(values: torch.Tensor, labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
-    """``out[b, c] = sum(values[b, n] for n with labels[b, n] == c)`` -- a one-hot-free class histogram."""
-    out = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
-    return out.scatter_add(1, labels, values.to(dtype))
-
-
 def _label_terms_soft(
     probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, squared: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -441,10 +435,10 @@ def _label_terms_soft(
     true_p = probs.gather(1, labels[:, None]).squeeze(1)  # (B, N): probability of the true class
     if mask is not None:
         true_p = true_p * mask
-    # float64 accumulation: scatter_add sums sequentially, float32 would drift on large volumes
-    inter = _scatter_sum(true_p, labels, num_ch, torch.float64).to(probs.dtype)
+    blocked = probs.device.type != "cpu"
+    inter = class_sums(true_p, labels, num_ch, blocked).to(probs.dtype)
     ones = mask if mask is not None else torch.ones_like(true_p)
-    tsum = _scatter_sum(ones, labels, num_ch, torch.float64).to(probs.dtype)  # float32 stops counting at 2**24
+    tsum = class_sums(ones, labels, num_ch, blocked).to(probs.dtype)
     q = probs * probs if squared else probs
     psum = q.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", q, mask)
     return inter, psum, tsum

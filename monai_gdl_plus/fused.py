@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["fused_label_terms"]
+__all__ = ["class_sums", "fused_label_terms"]
 
 # elements per chunk of temporaries: cache-sized on CPU; on accelerators large enough to keep kernels busy and
 # small enough (64 MiB in float32) that the temporaries stay far below the logits' size
@@ -32,7 +32,7 @@ _DEFAULT_CHUNK = 1 << 24
 _BLOCK = 4096  # voxels per partial histogram on accelerators
 
 
-def _class_sums(values: torch.Tensor, labels: torch.Tensor, num_classes: int, blocked: bool) -> torch.Tensor:
+def class_sums(values: torch.Tensor, labels: torch.Tensor, num_classes: int, blocked: bool) -> torch.Tensor:
     """``out[b, c] = sum(values[b, n] for n with labels[b, n] == c)`` in float64, without a one-hot.
 
     CPU: one float64 scatter-add (it adds sequentially, so float32 would drift on large volumes). Accelerators
@@ -105,9 +105,9 @@ class _FusedLabelTerms(torch.autograd.Function):
         b, c = x.shape[:2]
         p, true_p, psum, lse = _forward_chunks(x, labels, mask, softmax, squared, dtype, with_ce)
         blocked = x.device.type != "cpu"
-        inter = _class_sums(true_p if mask is None else true_p * mask, labels, c, blocked).to(dtype)
+        inter = class_sums(true_p if mask is None else true_p * mask, labels, c, blocked).to(dtype)
         counted = torch.ones_like(true_p) if mask is None else mask
-        tsum = _class_sums(counted, labels, c, blocked).to(dtype)
+        tsum = class_sums(counted, labels, c, blocked).to(dtype)
         nll = torch.zeros((), dtype=dtype, device=x.device)
         if with_ce:
             logp_t = x.gather(1, labels[:, None]).squeeze(1).to(dtype) - lse

@@ -295,14 +295,15 @@ def test_gdl_function_rejects_unknown_w_type():
 
 def test_blocked_class_sums_equal_the_sequential_scatter():
     """The accelerator histogram (per-block partial sums) equals the CPU float64 scatter-add."""
-    from monai_gdl_plus.fused import _BLOCK, _class_sums
+    from monai_gdl_plus.fused import _BLOCK, class_sums
 
     torch.manual_seed(0)
     n = 3 * _BLOCK + 17  # a ragged last block
     labels = torch.randint(0, 5, (2, n))
     values = torch.rand(2, n)
-    sequential = _class_sums(values, labels, 5, blocked=False)
-    blocked = _class_sums(values, labels, 5, blocked=True)
+    sequential = class_sums(values, labels, 5, blocked=False)
+    blocked = class_sums(values, labels, 5, blocked=True)
     torch.testing.assert_close(blocked, sequential, rtol=1e-6, atol=1e-6)
-    expected = torch.stack([torch.stack([values[i][labels[i] == k].double().sum() for k in range(5)]) for i in range(2)])
+    per_sample = [[values[i][labels[i] == k].double().sum() for k in range(5)] for i in range(2)]
+    expected = torch.stack([torch.stack(row) for row in per_sample])
     torch.testing.assert_close(sequential, expected)
