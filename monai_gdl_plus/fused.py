@@ -25,7 +25,7 @@ __all__ = ["class_sums", "fused_label_terms"]
 
 # elements per chunk of temporaries: cache-sized on CPU; on accelerators large enough to keep kernels busy and
 # small enough (64 MiB in float32) that the temporaries stay far below the logits' size
-_CHUNK_ELEMENTS = {"cpu": 1 << 19}
+_CHUNK_ELEMENTS = {"cpu": 1 << 20}
 _DEFAULT_CHUNK = 1 << 24
 
 
@@ -35,14 +35,20 @@ _BLOCK = 4096  # voxels per partial histogram on accelerators
 def class_sums(values: torch.Tensor, labels: torch.Tensor, num_classes: int, blocked: bool) -> torch.Tensor:
     """``out[b, c] = sum(values[b, n] for n with labels[b, n] == c)`` in float64, without a one-hot.
 
-    CPU: one float64 scatter-add (it adds sequentially, so float32 would drift on large volumes). Accelerators
+    CPU: one float64 ``bincount`` over ``b * C + label`` (it adds sequentially, so float32 would drift on large
+    volumes; labels are range-checked on the host before this), or a float64 scatter-add where ``values`` needs a
+    gradient or ``torch.compile`` traces (``bincount`` has neither). Accelerators
     (``blocked``): atomic adds onto only C counters serialise, so each block of ``_BLOCK`` voxels gets its own
     float32 histogram, and the (B, blocks, C) partial sums are added in float64.
     """
     b, n = labels.shape
-    if not blocked:
+    if not blocked and (values.requires_grad or torch.compiler.is_compiling()):
         out = torch.zeros(b, num_classes, dtype=torch.float64, device=labels.device)
         return out.scatter_add_(1, labels, values.double())
+    if not blocked:
+        idx = labels if b == 1 else torch.add(labels, torch.arange(b, device=labels.device)[:, None], alpha=num_classes)
+        counts = torch.bincount(idx.reshape(-1), values.double().reshape(-1), minlength=b * num_classes)
+        return counts.view(b, num_classes)
     blocks = -(-n // _BLOCK)
     block_of = torch.arange(n, device=labels.device) // _BLOCK
     idx = torch.add(labels, block_of, alpha=num_classes)  # block * C + label
@@ -57,6 +63,13 @@ def _step(p: torch.Tensor) -> int:
     return max(1, _CHUNK_ELEMENTS.get(p.device.type, _DEFAULT_CHUNK) // max(1, b * c))
 
 
+# CPU softmax without the max pass: exp(x) is taken as is when each voxel's sum of exponentials lands in
+# [1 / _SAFE_SUM, _SAFE_SUM] (logits up to about +-66 in float32), otherwise that chunk is redone with the max
+# subtracted. Inside that range neither exp(x) nor its reciprocal sum overflows or goes subnormal, so the
+# probabilities carry the same rounding as the shifted form.
+_SAFE_SUM_LOG2 = {torch.float32: 96, torch.float64: 768}
+
+
 def _forward_chunks(
     x: torch.Tensor,
     labels: torch.Tensor,
@@ -66,36 +79,56 @@ def _forward_chunks(
     dtype: torch.dtype,
     with_lse: bool,
 ):
-    """Activation ``p`` written chunk by chunk into one buffer, plus what the terms need while a chunk is hot.
+    """The activation, kept as one logits-sized buffer, plus what the terms need while each chunk is hot.
 
-    Returns ``p`` (B, C, N), the true-class probability (B, N), the masked prediction sums (B, C) accumulated in
-    float64, and the log-sum-exp per voxel (B, N) for the CE term (or None). Going over the voxels in
-    cache-sized chunks beats ``torch.softmax`` over the channel axis on CPU and yields ``lse = max + log(sum)``
-    for free.
+    Returns ``e`` (B, C, N), ``r`` (B, N) or None, the true-class probability (B, N), the masked prediction sums
+    (B, C) and the log-sum-exp per voxel (B, N) for the CE term (or None). Softmax: ``e`` holds the exponentials
+    ``exp(x - s)`` (``s`` 0 or the voxel's max logit) and ``r = 1 / sum_c e`` so that ``p = e * r``; leaving the
+    division to the consumers saves a pass over the logits. Sigmoid: ``e = p`` and ``r`` is None. Going over the
+    voxels in cache-sized chunks beats ``torch.softmax`` over the channel axis on CPU, and yields the
+    log-sum-exp for free.
     """
     b, c, n = x.shape
-    p = torch.empty((b, c, n), dtype=dtype, device=x.device)
+    e = torch.empty((b, c, n), dtype=dtype, device=x.device)
     true_p = torch.empty((b, n), dtype=dtype, device=x.device)
+    r = torch.empty((b, n), dtype=dtype, device=x.device) if softmax else None
     psum = torch.zeros((b, c), dtype=torch.float64, device=x.device)
     lse = torch.empty((b, n), dtype=dtype, device=x.device) if with_lse else None
-    step = _step(p)
+    unshifted = x.device.type == "cpu" and dtype in _SAFE_SUM_LOG2  # a range check is free only on the host
+    bound = 2.0 ** _SAFE_SUM_LOG2.get(dtype, 0)
+    step = _step(e)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        xc, pc = x[:, :, lo:hi], p[:, :, lo:hi]
-        if softmax:
-            m = xc.amax(1, keepdim=True).to(dtype)
-            torch.sub(xc, m, out=pc)
-            pc.exp_()
-            tot = pc.sum(1, keepdim=True)
-            pc.div_(tot)
-            if lse is not None:
-                lse[:, lo:hi] = (m + tot.log()).squeeze(1)
+        xc, ec, lab = x[:, :, lo:hi].to(dtype), e[:, :, lo:hi], labels[:, None, lo:hi]  # fp16: exp in float32
+        if not softmax:
+            torch.sigmoid(xc, out=ec)
+            tp = ec.gather(1, lab)
+            wv = None if mask is None else mask[:, lo:hi, None]
+            qc = ec * ec if squared else ec
         else:
-            pc.copy_(xc).sigmoid_()
-        true_p[:, lo:hi] = pc.gather(1, labels[:, None, lo:hi]).squeeze(1)
-        qc = pc * pc if squared else pc
-        psum += qc.sum(-1) if mask is None else torch.bmm(qc, mask[:, lo:hi, None]).squeeze(-1)
-    return p, true_p, psum.to(dtype), lse
+            shift = None
+            if unshifted:
+                torch.exp(xc, out=ec)
+                tot = ec.sum(1, keepdim=True)
+                lo_tot, hi_tot = torch.aminmax(tot)
+                if not (1.0 / bound <= float(lo_tot) and float(hi_tot) <= bound):  # NaN fails too
+                    unshifted = False  # the rest of the volume likely has such logits too
+            if not unshifted:
+                shift = xc.amax(1, keepdim=True)
+                torch.sub(xc, shift, out=ec)
+                ec.exp_()
+                tot = ec.sum(1, keepdim=True)
+            rc = torch.reciprocal(tot, out=r[:, None, lo:hi])
+            if lse is not None:
+                lt = tot.log_()
+                lse[:, lo:hi] = (lt if shift is None else lt.add_(shift)).squeeze(1)
+            tp = ec.gather(1, lab).mul_(rc)
+            wv = rc * rc if squared else rc
+            wv = (wv if mask is None else wv * mask[:, None, lo:hi]).transpose(1, 2)
+            qc = ec * ec if squared else ec
+        true_p[:, lo:hi] = tp.squeeze(1)
+        psum += qc.sum(-1) if wv is None else torch.bmm(qc, wv).squeeze(-1)
+    return e, r, true_p, psum.to(dtype), lse
 
 
 class _FusedLabelTerms(torch.autograd.Function):
@@ -103,7 +136,7 @@ class _FusedLabelTerms(torch.autograd.Function):
     def forward(ctx, x, labels, mask, ce_weight, softmax: bool, squared: bool, with_ce: bool):  # noqa: D102
         dtype = torch.promote_types(x.dtype, torch.float32)
         b, c = x.shape[:2]
-        p, true_p, psum, lse = _forward_chunks(x, labels, mask, softmax, squared, dtype, with_ce)
+        e, r, true_p, psum, lse = _forward_chunks(x, labels, mask, softmax, squared, dtype, with_ce)
         blocked = x.device.type != "cpu"
         inter = class_sums(true_p if mask is None else true_p * mask, labels, c, blocked).to(dtype)
         counted = torch.ones_like(true_p) if mask is None else mask
@@ -113,10 +146,10 @@ class _FusedLabelTerms(torch.autograd.Function):
             logp_t = x.gather(1, labels[:, None]).squeeze(1).to(dtype) - lse
             wv = mask if ce_weight is None else ce_weight[labels] * (1.0 if mask is None else mask)
             nll = -(logp_t * wv).sum() if wv is not None else -logp_t.sum()
-        ctx.save_for_backward(x, labels, mask, ce_weight, true_p)
+        ctx.save_for_backward(x, labels, mask, ce_weight, true_p, r)
         # kept off save_for_backward: the backward overwrites it, and must drop it so autograd can take the
         # buffer as the gradient without a copy
-        ctx.p = p
+        ctx.e = e
         ctx.flags = (softmax, squared, with_ce)
         ctx.mark_non_differentiable(tsum)
         return inter, psum, tsum, nll
@@ -124,13 +157,13 @@ class _FusedLabelTerms(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_inter, g_psum, _g_tsum, g_nll):  # noqa: D102
-        x, labels, mask, ce_weight, true_p = ctx.saved_tensors
+        x, labels, mask, ce_weight, true_p, r = ctx.saved_tensors
         softmax, squared, with_ce = ctx.flags
-        p, ctx.p = ctx.p, None
-        if p is None:  # a second backward: the first one turned the saved activation into its gradient
-            p = _forward_chunks(x, labels, mask, softmax, False, true_p.dtype, False)[0]  # same rounding as forward
+        e, ctx.e = ctx.e, None
+        if e is None:  # a second backward: the first one turned the saved activation into its gradient
+            e = _forward_chunks(x, labels, mask, softmax, False, true_p.dtype, False)[0]  # same rounding and r
         grad = _backward_in_place(
-            p, labels, mask, ce_weight, true_p, g_inter, g_psum, g_nll, softmax, squared, with_ce
+            e, r, labels, mask, ce_weight, true_p, g_inter, g_psum, g_nll, softmax, squared, with_ce
         )
         return grad.to(x.dtype), None, None, None, None, None, None
 
@@ -139,60 +172,65 @@ def _zeros_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
-def _backward_in_place(p, labels, mask, ce_weight, true_p, g_inter, g_psum, g_nll, softmax, squared, with_ce):
-    """Overwrite ``p`` with dL/dx.
+def _backward_in_place(e, r, labels, mask, ce_weight, true_p, g_inter, g_psum, g_nll, softmax, squared, with_ce):
+    """Overwrite ``e`` (see :func:`_forward_chunks`) with dL/dx.
 
     With ``q[c, n] = dL/dp[c, n] = m_n (gP_c h(p) + gI_c [c == t_n])`` (``h = 1``, or ``2p`` when squared) and the
     CE part ``g_nll m_n w_t (p_c - [c == t_n])``, the softmax gradient is
-    ``p_c (q_c - sum_k p_k q_k) + CE part``; the sigmoid gradient is ``p (1 - p) q``.
+    ``p_c (q_c - sum_k p_k q_k) + CE part``; the sigmoid gradient is ``p (1 - p) q``. For the softmax, the dense
+    part is written as ``e_c (gP_c h(p_c) u - w)`` with the per-voxel ``u = m r`` and
+    ``w = u (sum_k p_k gP_k h(p_k) + gI_t p_t) - r (CE part)``, so one chunk-sized temporary is all it needs.
     """
-    b, c, n = p.shape
-    g_psum = _zeros_if_none(g_psum, p[:, :, 0]).to(p.dtype)
-    g_inter = _zeros_if_none(g_inter, p[:, :, 0]).to(p.dtype)
+    b, c, n = e.shape
+    g_psum = _zeros_if_none(g_psum, e[:, :, 0]).to(e.dtype)
+    g_inter = _zeros_if_none(g_inter, e[:, :, 0]).to(e.dtype)
     gi_t = g_inter.gather(1, labels)  # (B, N): gI at the true class
     m = mask
-    # per-voxel terms
-    ce_v = None
-    if softmax:
-        if with_ce and g_nll is not None:
-            ce_v = g_nll.to(p.dtype) * (torch.ones_like(true_p) if ce_weight is None else ce_weight[labels].to(p.dtype))
-            if m is not None:
-                ce_v = ce_v * m
-    step = max(1, _step(p) // 2)  # half-size chunks: the backward's temporaries are what sets the peak
+    ce_v = None  # (B, N): g_nll m w_t, the CE part's per-voxel factor
+    if softmax and with_ce and g_nll is not None:
+        ce_v = g_nll.to(e.dtype) * (torch.ones_like(true_p) if ce_weight is None else ce_weight[labels].to(e.dtype))
+        if m is not None:
+            ce_v = ce_v * m
+    step = max(1, _step(e) // 2)  # half-size chunks: the backward's temporaries are what sets the peak
     beta = g_psum[:, :, None]
+    true_term = gi_t.mul_(true_p)  # gI_t p_t; in place: (B, N) buffers add up at C ~ 100
+    # true-class corrections: + m gI_t p_t (softmax) or + m gI_t p_t (1 - p_t) (sigmoid); CE: - g_nll m w_t
+    corr = true_term if softmax else true_term * (1.0 - true_p)
+    if m is not None:
+        corr = corr * m
+    if ce_v is not None:
+        corr = corr - ce_v
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        pc = p[:, :, lo:hi]
+        ec = e[:, :, lo:hi]
         mc = None if m is None else m[:, None, lo:hi]
         if softmax:
+            rc = r[:, None, lo:hi]
+            u = rc if mc is None else rc * mc
+            tt = true_term[:, None, lo:hi]
             if squared:
-                hq = pc * (2.0 * beta)  # gP_c h(p_c)
-                s_c = (hq * pc).sum(1, keepdim=True) + (gi_t[:, None, lo:hi] * true_p[:, None, lo:hi])
+                hq = ec * (2.0 * beta)  # gP_c h(p_c) / r
+                s = (hq * ec).sum(1, keepdim=True).mul_(rc * rc).add_(tt)
+                factor = hq.mul_(u * rc)
+                w = s.mul_(u)
+                if ce_v is not None:
+                    w.sub_(ce_v[:, None, lo:hi] * rc)
+                factor.sub_(w)
             else:
-                hq = beta
-                s_c = torch.bmm(g_psum[:, None, :], pc) + gi_t[:, None, lo:hi] * true_p[:, None, lo:hi]
-            factor = hq - s_c
-            if mc is not None:
-                factor = factor * mc
-            if ce_v is not None:
-                factor = factor + ce_v[:, None, lo:hi]
-            pc.mul_(factor)
+                s = torch.bmm(g_psum[:, None, :], ec).mul_(rc).add_(tt)
+                nw = s.mul_(u).neg_()
+                if ce_v is not None:
+                    nw.add_(ce_v[:, None, lo:hi] * rc)
+                factor = torch.addcmul(nw, beta, u)
+            ec.mul_(factor)
         else:
-            hq = pc * (2.0 * beta) if squared else beta
-            factor = (1.0 - pc) * hq
+            hq = ec * (2.0 * beta) if squared else beta
+            factor = (1.0 - ec) * hq
             if mc is not None:
                 factor = factor * mc
-            pc.mul_(factor)
-    # true-class corrections: + m gI_t p_t (softmax) or + m gI_t p_t (1 - p_t) (sigmoid); CE: - g_nll m w_t
-    corr = gi_t.mul_(true_p)  # in place: gi_t is not needed any more, and (B, N) buffers add up at C ~ 100
-    if not softmax:
-        corr.sub_(corr * true_p)
-    if m is not None:
-        corr.mul_(m)
-    if softmax and with_ce and g_nll is not None:
-        corr.sub_(ce_v)
-    p.scatter_add_(1, labels[:, None], corr[:, None])
-    return p
+            ec.mul_(factor)
+        ec.scatter_add_(1, labels[:, None, lo:hi], corr[:, None, lo:hi])  # while the chunk is in cache
+    return e
 
 
 def fused_label_terms(

@@ -1,0 +1,135 @@
+"""The fused label-map path (monai_gdl_plus.fused) against the plain autograd path, chunk boundaries included."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss, fused
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+LOSSES = {"dice": DicePlusLoss, "gdl": GeneralizedDicePlusLoss}
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 64 elements on CPU, so that a few-voxel volume spans several chunks."""
+    monkeypatch.setitem(fused._CHUNK_ELEMENTS, "cpu", 64)
+
+
+def _value_and_grad(loss, x, y, plain: bool, monkeypatch=None):
+    """Loss value and d loss / d x, through the fused path or (``plain``) the plain autograd one."""
+    x = x.detach().clone().requires_grad_(True)
+    with monkeypatch.context() as m:
+        if plain:  # the plain path is what a torch.compile trace takes
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+        value = loss(x, y)
+    value.backward()
+    return value.detach(), x.grad
+
+
+def _assert_paths_agree(loss, x, y, monkeypatch, **tol):
+    fused_value, fused_grad = _value_and_grad(loss, x, y, False, monkeypatch)
+    plain_value, plain_grad = _value_and_grad(loss, x, y, True, monkeypatch)
+    torch.testing.assert_close(fused_value, plain_value, **tol)
+    torch.testing.assert_close(fused_grad, plain_grad, **tol)
+
+
+_FLAGS = list(
+    itertools.product(["dice", "gdl"], ["softmax", "sigmoid"], [False, True], [None, 255, 2], [0.0, 0.7], [False, True])
+)
+
+
+@pytest.mark.parametrize("name,act,squared,ignore_index,lambda_ce,weighted", _FLAGS)
+def test_fused_equals_plain_autograd(small_chunks, monkeypatch, name, act, squared, ignore_index, lambda_ce, weighted):
+    """Values and gradients of both paths agree to float64 rounding, over chunk boundaries, for every flag."""
+    g = torch.Generator().manual_seed(1)
+    x = 3.0 * torch.randn(2, 5, 4, 3, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (2, 1, 4, 3, 3), generator=g)
+    if ignore_index == 255:
+        y[:, :, 0] = 255
+    loss = LOSSES[name](
+        to_onehot_y=True, softmax=act == "softmax", sigmoid=act == "sigmoid", squared_pred=squared,
+        ignore_index=ignore_index, lambda_ce=lambda_ce, weight=[1.0, 2.0, 0.5, 1.0, 3.0] if weighted else None,
+    )  # fmt: skip
+    _assert_paths_agree(loss, x, y, monkeypatch, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale,offset", [(60.0, 0.0), (1.0, 150.0), (1.0, -150.0), (1.0, 95.0)])
+@pytest.mark.parametrize("lambda_ce", [0.0, 1.0])
+def test_large_logits_fall_back_to_the_shifted_softmax(small_chunks, monkeypatch, scale, offset, lambda_ce):
+    """Float32 logits whose exponentials overflow or underflow: the chunk is redone with the max subtracted, and
+    value and gradient stay those of the (stable) plain path; only the second half of the volume is extreme, so
+    the switch happens mid-volume."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 6, 6, 6, generator=g)
+    x[..., 3:, :, :] = scale * x[..., 3:, :, :] + offset
+    y = torch.randint(0, 4, (1, 1, 6, 6, 6), generator=g)
+    loss = DicePlusLoss(to_onehot_y=True, softmax=True, lambda_ce=lambda_ce)
+    fused_value, fused_grad = _value_and_grad(loss, x, y, False, monkeypatch)
+    assert torch.isfinite(fused_value) and torch.isfinite(fused_grad).all()
+    # float64 plain path as the reference for the float32 fused one
+    plain_value, plain_grad = _value_and_grad(loss, x.double(), y, True, monkeypatch)
+    torch.testing.assert_close(fused_value.double(), plain_value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_grad.double(), plain_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_nan_logits_propagate_instead_of_raising(small_chunks):
+    x = torch.randn(1, 3, 4, 4, 4, requires_grad=True)
+    y = torch.randint(0, 3, (1, 1, 4, 4, 4))
+    with torch.no_grad():
+        x[0, 1, 2] = float("nan")
+    value = DicePlusLoss(to_onehot_y=True, softmax=True)(x, y)
+    assert torch.isnan(value)
+
+
+@pytest.mark.parametrize("offset", [0.0, 200.0])
+def test_second_backward_recomputes_the_same_gradient(small_chunks, offset):
+    """``retain_graph=True``: the first backward consumed the saved activation; the second recomputes it with the
+    same shift decisions, so both gradients are bit-identical."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 5, 5, 5, generator=g)
+    x[:, :, 3:] += offset
+    x.requires_grad_(True)
+    y = torch.randint(0, 4, (2, 1, 5, 5, 5), generator=g)
+    value = GeneralizedDicePlusLoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, squared_pred=True)(x, y)
+    value.backward(retain_graph=True)
+    first, x.grad = x.grad.clone(), None
+    value.backward()
+    assert torch.equal(x.grad, first)
+
+
+def test_fused_function_gradcheck_with_mask_and_class_weights():
+    """The analytic backward of :func:`fused_label_terms` itself, every output weighted, in float64."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 7), generator=g)
+    mask = (torch.rand(2, 7, generator=g) > 0.3).double()
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    gi, gp = torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    for softmax, squared in itertools.product([True, False], [False, True]):
+
+        def f(t, softmax=softmax, squared=squared):
+            inter, psum, _, nll = fused.fused_label_terms(
+                t, labels, mask, softmax=softmax, squared=squared, ce_weight=w if softmax else None, with_ce=softmax
+            )
+            return (inter * gi).sum() + (psum * gp).sum() + 0.3 * nll
+
+        assert torch.autograd.gradcheck(f, (x,))
+
+
+def test_class_sums_bincount_equals_the_differentiable_scatter():
+    """CPU sums without a gradient (``bincount``) equal the scatter-add used when ``values`` needs a gradient."""
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 6, (3, 1000), generator=g)
+    values = torch.rand(3, 1000, generator=g)
+    counted = fused.class_sums(values, labels, 6, blocked=False)
+    scattered = fused.class_sums(values.clone().requires_grad_(True), labels, 6, blocked=False)
+    assert scattered.requires_grad and counted.dtype == torch.float64
+    torch.testing.assert_close(counted, scattered.detach(), rtol=1e-12, atol=1e-12)
+    # classes absent from a sample are zero, not cut off (minlength)
+    counts = fused.class_sums(torch.ones(2, 3), torch.tensor([[0, 0, 1], [0, 0, 0]]), 4, blocked=False)
+    assert counts.tolist() == [[2.0, 1.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]]
