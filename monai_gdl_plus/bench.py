@@ -3,9 +3,11 @@
 The method (see ``PERF_NOTES.md``): for each shape, every implementation runs in this process on the same
 inputs (float32 logits with ``requires_grad``, an int64 label map (B, 1, *spatial)), ``warmup`` calls each, then
 ``rounds`` round-robin rounds (the order rotates each round); the figure is the median. A step is
-``x.grad = None; loss(x, y).backward()``, so it includes allocating ``x.grad``. On Linux a sample during which any of
-the process's threads waited for a CPU (run-queue delay in ``/proc/self/task/*/schedstat``) is repeated, up to
-:data:`MAX_RETRIES` times (and one repeat per sample on average at most), keeping the least-disturbed sample.
+``loss(x, y).backward()`` timed after ``x.grad = None``: it includes allocating ``x.grad``, not freeing the previous
+step's (a cost the same for every implementation, which belongs to whoever made that gradient). On Linux a sample
+during which any of the process's threads waited for a CPU (run-queue delay in ``/proc/self/task/*/schedstat``) is
+repeated, up to :data:`MAX_RETRIES` times (and one repeat per sample on average at most), keeping the
+least-disturbed sample.
 
 Peak extra memory on CPU is measured in a fresh subprocess per (loss, shape) with ``MALLOC_MMAP_THRESHOLD_=65536``
 (freed blocks go back to the OS): the child builds the inputs, runs one warm-up step, resets the peak RSS
@@ -255,6 +257,7 @@ def _time_step(
     """
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        x.grad = None
         torch.cuda.synchronize()
         start.record()
         _step(loss_fn, x, y)
@@ -263,6 +266,7 @@ def _time_step(
         return float(start.elapsed_time(end)), 0, math.nan
     best_wait, best_ms = math.inf, math.nan
     for attempt in range(max_retries + 1):
+        x.grad = None  # freed before the clock starts (``_step`` then finds nothing to free)
         w0 = _sched_wait_ns()
         t0 = time.perf_counter_ns()
         _step(loss_fn, x, y)
