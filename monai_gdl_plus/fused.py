@@ -32,23 +32,29 @@ _DEFAULT_CHUNK = 1 << 24
 _BLOCK = 4096  # voxels per partial histogram on accelerators
 
 
-def class_sums(values: torch.Tensor, labels: torch.Tensor, num_classes: int, blocked: bool) -> torch.Tensor:
-    """``out[b, c] = sum(values[b, n] for n with labels[b, n] == c)`` in float64, without a one-hot.
+def class_sums(
+    values: torch.Tensor | None, labels: torch.Tensor, num_classes: int, blocked: bool
+) -> torch.Tensor:
+    """``out[b, c] = sum(values[b, n] for n with labels[b, n] == c)`` in float64, without a one-hot; ``values``
+    None counts voxels.
 
     CPU: one float64 ``bincount`` over ``b * C + label`` (it adds sequentially, so float32 would drift on large
     volumes; labels are range-checked on the host before this), or a float64 scatter-add where ``values`` needs a
-    gradient or ``torch.compile`` traces (``bincount`` has neither). Accelerators
-    (``blocked``): atomic adds onto only C counters serialise, so each block of ``_BLOCK`` voxels gets its own
-    float32 histogram, and the (B, blocks, C) partial sums are added in float64.
+    gradient or ``torch.compile`` traces (``bincount`` has neither). Accelerators (``blocked``): atomic adds onto
+    only C counters serialise, so each block of ``_BLOCK`` voxels gets its own float32 histogram, and the
+    (B, blocks, C) partial sums are added in float64.
     """
     b, n = labels.shape
-    if not blocked and (values.requires_grad or torch.compiler.is_compiling()):
+    if not blocked and values is not None and (values.requires_grad or torch.compiler.is_compiling()):
         out = torch.zeros(b, num_classes, dtype=torch.float64, device=labels.device)
         return out.scatter_add_(1, labels, values.double())
     if not blocked:
         idx = labels if b == 1 else torch.add(labels, torch.arange(b, device=labels.device)[:, None], alpha=num_classes)
-        counts = torch.bincount(idx.reshape(-1), values.double().reshape(-1), minlength=b * num_classes)
-        return counts.view(b, num_classes)
+        weights = None if values is None else values.double().reshape(-1)
+        counts = torch.bincount(idx.reshape(-1), weights, minlength=b * num_classes)
+        return counts.view(b, num_classes).double()
+    if values is None:
+        values = torch.ones(labels.shape, device=labels.device)
     blocks = -(-n // _BLOCK)
     block_of = torch.arange(n, device=labels.device) // _BLOCK
     idx = torch.add(labels, block_of, alpha=num_classes)  # block * C + label
@@ -64,9 +70,9 @@ def _step(p: torch.Tensor) -> int:
 
 
 # CPU softmax without the max pass: exp(x) is taken as is when each voxel's sum of exponentials lands in
-# [1 / _SAFE_SUM, _SAFE_SUM] (logits up to about +-66 in float32), otherwise that chunk is redone with the max
-# subtracted. Inside that range neither exp(x) nor its reciprocal sum overflows or goes subnormal, so the
-# probabilities carry the same rounding as the shifted form.
+# [1 / 2^k, 2^k] (k below; logits up to about +-66 in float32), otherwise that chunk is redone with the max
+# subtracted, and so is the rest of the volume. Inside that range neither exp(x) nor its reciprocal sum overflows
+# or goes subnormal, so the probabilities carry the same rounding as the shifted form.
 _SAFE_SUM_LOG2 = {torch.float32: 96, torch.float64: 768}
 
 
@@ -74,37 +80,39 @@ def _forward_chunks(
     x: torch.Tensor,
     labels: torch.Tensor,
     mask: torch.Tensor | None,
+    ce_weight: torch.Tensor | None,
     softmax: bool,
     squared: bool,
     dtype: torch.dtype,
-    with_lse: bool,
+    with_ce: bool,
 ):
-    """The activation, kept as one logits-sized buffer, plus what the terms need while each chunk is hot.
+    """The activation, kept as one logits-sized buffer, and the (B, C) terms, taken while each chunk is hot.
 
-    Returns ``e`` (B, C, N), ``r`` (B, N) or None, the true-class probability (B, N), the masked prediction sums
-    (B, C) and the log-sum-exp per voxel (B, N) for the CE term (or None). Softmax: ``e`` holds the exponentials
-    ``exp(x - s)`` (``s`` 0 or the voxel's max logit) and ``r = 1 / sum_c e`` so that ``p = e * r``; leaving the
-    division to the consumers saves a pass over the logits. Sigmoid: ``e = p`` and ``r`` is None. Going over the
-    voxels in cache-sized chunks beats ``torch.softmax`` over the channel axis on CPU, and yields the
-    log-sum-exp for free.
+    Returns ``e`` (B, C, N), ``r`` (B, N) or None, and the intersection, prediction sum, target volume (each
+    (B, C)) and summed NLL (0-d), all in ``dtype``. Softmax: ``e`` holds the exponentials ``exp(x - s)`` (``s`` 0
+    or the voxel's max logit) and ``r = 1 / sum_c e`` so that ``p = e * r``; leaving the division to the consumers
+    saves a pass over the logits. Sigmoid: ``e = p`` and ``r`` is None. Going over the voxels in cache-sized chunks
+    beats ``torch.softmax`` over the channel axis on CPU, and yields the log-sum-exp for the CE term for free. Only
+    ``e`` and ``r`` are voxel-sized: every other per-voxel quantity lives for one chunk.
     """
     b, c, n = x.shape
-    e = torch.empty((b, c, n), dtype=dtype, device=x.device)
-    true_p = torch.empty((b, n), dtype=dtype, device=x.device)
-    r = torch.empty((b, n), dtype=dtype, device=x.device) if softmax else None
-    psum = torch.zeros((b, c), dtype=torch.float64, device=x.device)
-    lse = torch.empty((b, n), dtype=dtype, device=x.device) if with_lse else None
-    unshifted = x.device.type == "cpu" and dtype in _SAFE_SUM_LOG2  # a range check is free only on the host
+    dev = x.device
+    e = torch.empty((b, c, n), dtype=dtype, device=dev)
+    r = torch.empty((b, n), dtype=dtype, device=dev) if softmax else None
+    inter, psum, tsum = (torch.zeros((b, c), dtype=torch.float64, device=dev) for _ in range(3))
+    nll = torch.zeros((), dtype=torch.float64, device=dev)
+    blocked = dev.type != "cpu"
+    unshifted = dev.type == "cpu" and dtype in _SAFE_SUM_LOG2  # a range check is free only on the host
     bound = 2.0 ** _SAFE_SUM_LOG2.get(dtype, 0)
     step = _step(e)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         xc, ec, lab = x[:, :, lo:hi].to(dtype), e[:, :, lo:hi], labels[:, None, lo:hi]  # fp16: exp in float32
+        mc = None if mask is None else mask[:, None, lo:hi]
         if not softmax:
             torch.sigmoid(xc, out=ec)
             tp = ec.gather(1, lab)
-            wv = None if mask is None else mask[:, lo:hi, None]
-            qc = ec * ec if squared else ec
+            wv = mc
         else:
             shift = None
             if unshifted:
@@ -119,52 +127,45 @@ def _forward_chunks(
                 ec.exp_()
                 tot = ec.sum(1, keepdim=True)
             rc = torch.reciprocal(tot, out=r[:, None, lo:hi])
-            if lse is not None:
-                lt = tot.log_()
-                lse[:, lo:hi] = (lt if shift is None else lt.add_(shift)).squeeze(1)
             tp = ec.gather(1, lab).mul_(rc)
             wv = rc * rc if squared else rc
-            wv = (wv if mask is None else wv * mask[:, None, lo:hi]).transpose(1, 2)
-            qc = ec * ec if squared else ec
-        true_p[:, lo:hi] = tp.squeeze(1)
-        psum += qc.sum(-1) if wv is None else torch.bmm(qc, wv).squeeze(-1)
-    return e, r, true_p, psum.to(dtype), lse
+            wv = wv if mc is None else wv * mc
+            if with_ce:  # -log p_t = lse - x_t, lse = s + log(sum_c e)
+                nlp = tot.log_().sub_(xc.gather(1, lab))
+                nlp = nlp if shift is None else nlp.add_(shift)
+                cw = mc if ce_weight is None else ce_weight[lab] if mc is None else ce_weight[lab] * mc
+                nll += (nlp if cw is None else nlp * cw).sum(dtype=torch.float64)
+        qc = ec * ec if squared else ec
+        psum += qc.sum(-1) if wv is None else torch.bmm(qc, wv.transpose(1, 2)).squeeze(-1)
+        lab2 = lab.squeeze(1)
+        inter += class_sums((tp if mc is None else tp * mc).squeeze(1), lab2, c, blocked)
+        tsum += class_sums(None if mc is None else mc.squeeze(1), lab2, c, blocked)
+    return e, r, inter.to(dtype), psum.to(dtype), tsum.to(dtype), nll.to(dtype)
 
 
 class _FusedLabelTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, labels, mask, ce_weight, softmax: bool, squared: bool, with_ce: bool):  # noqa: D102
         dtype = torch.promote_types(x.dtype, torch.float32)
-        b, c = x.shape[:2]
-        e, r, true_p, psum, lse = _forward_chunks(x, labels, mask, softmax, squared, dtype, with_ce)
-        blocked = x.device.type != "cpu"
-        inter = class_sums(true_p if mask is None else true_p * mask, labels, c, blocked).to(dtype)
-        counted = torch.ones_like(true_p) if mask is None else mask
-        tsum = class_sums(counted, labels, c, blocked).to(dtype)
-        nll = torch.zeros((), dtype=dtype, device=x.device)
-        if with_ce:
-            logp_t = x.gather(1, labels[:, None]).squeeze(1).to(dtype) - lse
-            wv = mask if ce_weight is None else ce_weight[labels] * (1.0 if mask is None else mask)
-            nll = -(logp_t * wv).sum() if wv is not None else -logp_t.sum()
-        ctx.save_for_backward(x, labels, mask, ce_weight, true_p, r)
+        e, r, inter, psum, tsum, nll = _forward_chunks(x, labels, mask, ce_weight, softmax, squared, dtype, with_ce)
+        ctx.save_for_backward(x, labels, mask, ce_weight, r)
         # kept off save_for_backward: the backward overwrites it, and must drop it so autograd can take the
         # buffer as the gradient without a copy
         ctx.e = e
-        ctx.flags = (softmax, squared, with_ce)
+        ctx.flags = (softmax, squared, with_ce, dtype)
         ctx.mark_non_differentiable(tsum)
         return inter, psum, tsum, nll
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_inter, g_psum, _g_tsum, g_nll):  # noqa: D102
-        x, labels, mask, ce_weight, true_p, r = ctx.saved_tensors
-        softmax, squared, with_ce = ctx.flags
+        x, labels, mask, ce_weight, r = ctx.saved_tensors
+        softmax, squared, with_ce, dtype = ctx.flags
         e, ctx.e = ctx.e, None
         if e is None:  # a second backward: the first one turned the saved activation into its gradient
-            e = _forward_chunks(x, labels, mask, softmax, False, true_p.dtype, False)[0]  # same rounding and r
-        grad = _backward_in_place(
-            e, r, labels, mask, ce_weight, true_p, g_inter, g_psum, g_nll, softmax, squared, with_ce
-        )
+            e = _forward_chunks(x, labels, mask, None, softmax, False, dtype, False)[0]  # same shifts, so same r
+        g_nll = g_nll if softmax and with_ce else None
+        grad = _backward_in_place(e, r, labels, mask, ce_weight, g_inter, g_psum, g_nll, squared)
         return grad.to(x.dtype), None, None, None, None, None, None
 
 
@@ -172,64 +173,65 @@ def _zeros_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
-def _backward_in_place(e, r, labels, mask, ce_weight, true_p, g_inter, g_psum, g_nll, softmax, squared, with_ce):
-    """Overwrite ``e`` (see :func:`_forward_chunks`) with dL/dx.
+def _backward_in_place(e, r, labels, mask, ce_weight, g_inter, g_psum, g_nll, squared):
+    """Overwrite ``e`` (see :func:`_forward_chunks`; softmax when ``r`` is given, else sigmoid) with dL/dx.
 
     With ``q[c, n] = dL/dp[c, n] = m_n (gP_c h(p) + gI_c [c == t_n])`` (``h = 1``, or ``2p`` when squared) and the
     CE part ``g_nll m_n w_t (p_c - [c == t_n])``, the softmax gradient is
     ``p_c (q_c - sum_k p_k q_k) + CE part``; the sigmoid gradient is ``p (1 - p) q``. For the softmax, the dense
     part is written as ``e_c (gP_c h(p_c) u - w)`` with the per-voxel ``u = m r`` and
-    ``w = u (sum_k p_k gP_k h(p_k) + gI_t p_t) - r (CE part)``, so one chunk-sized temporary is all it needs.
+    ``w = u (sum_k p_k gP_k h(p_k) + gI_t p_t) - r (CE part)``; the true-class terms are added by a scatter. All of
+    it chunk by chunk: the chunk-sized temporaries are all the backward allocates.
     """
-    b, c, n = e.shape
+    softmax = r is not None
     g_psum = _zeros_if_none(g_psum, e[:, :, 0]).to(e.dtype)
     g_inter = _zeros_if_none(g_inter, e[:, :, 0]).to(e.dtype)
-    gi_t = g_inter.gather(1, labels)  # (B, N): gI at the true class
-    m = mask
-    ce_v = None  # (B, N): g_nll m w_t, the CE part's per-voxel factor
-    if softmax and with_ce and g_nll is not None:
-        ce_v = g_nll.to(e.dtype) * (torch.ones_like(true_p) if ce_weight is None else ce_weight[labels].to(e.dtype))
-        if m is not None:
-            ce_v = ce_v * m
-    step = max(1, _step(e) // 2)  # half-size chunks: the backward's temporaries are what sets the peak
+    g_nll = None if g_nll is None else g_nll.to(e.dtype)
+    ce_weight = None if ce_weight is None else ce_weight.to(e.dtype)
+    n = e.shape[-1]
+    step = max(1, _step(e) // 4)  # quarter-size chunks: the backward's temporaries are what sets the peak
     beta = g_psum[:, :, None]
-    true_term = gi_t.mul_(true_p)  # gI_t p_t; in place: (B, N) buffers add up at C ~ 100
-    # true-class corrections: + m gI_t p_t (softmax) or + m gI_t p_t (1 - p_t) (sigmoid); CE: - g_nll m w_t
-    corr = true_term if softmax else true_term * (1.0 - true_p)
-    if m is not None:
-        corr = corr * m
-    if ce_v is not None:
-        corr = corr - ce_v
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        ec = e[:, :, lo:hi]
-        mc = None if m is None else m[:, None, lo:hi]
+        ec, lab = e[:, :, lo:hi], labels[:, None, lo:hi]
+        mc = None if mask is None else mask[:, None, lo:hi]
+        tp = ec.gather(1, lab)  # (B, 1, n): the true class's e
+        ce_c = None  # g_nll m w_t
+        if g_nll is not None:
+            ce_c = g_nll if ce_weight is None else g_nll * ce_weight[lab]
+            ce_c = ce_c if mc is None else ce_c * mc
         if softmax:
             rc = r[:, None, lo:hi]
+            tp.mul_(rc)
+            tt = g_inter.gather(1, lab.squeeze(1)).unsqueeze(1).mul_(tp)  # gI_t p_t
             u = rc if mc is None else rc * mc
-            tt = true_term[:, None, lo:hi]
             if squared:
                 hq = ec * (2.0 * beta)  # gP_c h(p_c) / r
                 s = (hq * ec).sum(1, keepdim=True).mul_(rc * rc).add_(tt)
                 factor = hq.mul_(u * rc)
                 w = s.mul_(u)
-                if ce_v is not None:
-                    w.sub_(ce_v[:, None, lo:hi] * rc)
+                if ce_c is not None:
+                    w.sub_(ce_c * rc)
                 factor.sub_(w)
             else:
                 s = torch.bmm(g_psum[:, None, :], ec).mul_(rc).add_(tt)
                 nw = s.mul_(u).neg_()
-                if ce_v is not None:
-                    nw.add_(ce_v[:, None, lo:hi] * rc)
+                if ce_c is not None:
+                    nw.add_(ce_c * rc)
                 factor = torch.addcmul(nw, beta, u)
-            ec.mul_(factor)
+            corr = tt  # + m gI_t p_t, - g_nll m w_t
         else:
             hq = ec * (2.0 * beta) if squared else beta
             factor = (1.0 - ec) * hq
             if mc is not None:
                 factor = factor * mc
-            ec.mul_(factor)
-        ec.scatter_add_(1, labels[:, None, lo:hi], corr[:, None, lo:hi])  # while the chunk is in cache
+            corr = g_inter.gather(1, lab.squeeze(1)).unsqueeze(1).mul_(tp).mul_(1.0 - tp)  # + m gI_t p_t (1 - p_t)
+        ec.mul_(factor)
+        if mc is not None:
+            corr = corr * mc
+        if ce_c is not None:
+            corr = corr - ce_c
+        ec.scatter_add_(1, lab, corr)
     return e
 
 
