@@ -195,37 +195,33 @@ def _backward_in_place(e, r, labels, mask, ce_weight, g_inter, g_psum, g_nll, sq
         hi = min(n, lo + step)
         ec, lab = e[:, :, lo:hi], labels[:, None, lo:hi]
         mc = None if mask is None else mask[:, None, lo:hi]
-        tp = ec.gather(1, lab)  # (B, 1, n): the true class's e
         ce_c = None  # g_nll m w_t
         if g_nll is not None:
             ce_c = g_nll if ce_weight is None else g_nll * ce_weight[lab]
             ce_c = ce_c if mc is None else ce_c * mc
+        gi_t = g_inter.gather(1, lab.squeeze(1)).unsqueeze(1)  # (B, 1, n): gI at the true class
         if softmax:
             rc = r[:, None, lo:hi]
-            tp.mul_(rc)
-            tt = g_inter.gather(1, lab.squeeze(1)).unsqueeze(1).mul_(tp)  # gI_t p_t
             u = rc if mc is None else rc * mc
             if squared:
                 hq = ec * (2.0 * beta)  # gP_c h(p_c) / r
-                s = (hq * ec).sum(1, keepdim=True).mul_(rc * rc).add_(tt)
-                factor = hq.mul_(u * rc)
-                w = s.mul_(u)
-                if ce_c is not None:
-                    w.sub_(ce_c * rc)
-                factor.sub_(w)
+                s = (hq * ec).sum(1, keepdim=True).mul_(rc)  # sum_k p_k gP_k h(p_k) / r
             else:
-                s = torch.bmm(g_psum[:, None, :], ec).mul_(rc).add_(tt)
-                nw = s.mul_(u).neg_()
-                if ce_c is not None:
-                    nw.add_(ce_c * rc)
-                factor = torch.addcmul(nw, beta, u)
-            corr = tt  # + m gI_t p_t, - g_nll m w_t
+                s = torch.bmm(g_psum[:, None, :], ec)  # sum_k p_k gP_k / r
+            # gathered after the pass above has brought the chunk into cache: one random row per voxel
+            gie = gi_t.mul_(ec.gather(1, lab))  # gI_t e_t = gI_t p_t / r
+            w = s.add_(gie).mul_(u * rc)
+            if ce_c is not None:
+                w.sub_(ce_c * rc)
+            factor = hq.mul_(u * rc).sub_(w) if squared else torch.addcmul(w.neg_(), beta, u)
+            corr = gie.mul_(rc)  # + m gI_t p_t, - g_nll m w_t
         else:
+            tp = ec.gather(1, lab)  # p_t
             hq = ec * (2.0 * beta) if squared else beta
             factor = (1.0 - ec) * hq
             if mc is not None:
                 factor = factor * mc
-            corr = g_inter.gather(1, lab.squeeze(1)).unsqueeze(1).mul_(tp).mul_(1.0 - tp)  # + m gI_t p_t (1 - p_t)
+            corr = gi_t.mul_(tp).mul_(1.0 - tp)  # + m gI_t p_t (1 - p_t)
         ec.mul_(factor)
         if mc is not None:
             corr = corr * mc
