@@ -8,9 +8,13 @@
 
 with ``p = softmax(x)`` or ``sigmoid(x)`` and ``m`` the ignore mask. The Dice/GDL combination stays in ordinary
 autograd on the (B, C) terms; only the per-voxel part is hand-written. Memory: the forward keeps the activation
-(1x the logits' bytes) and the backward overwrites it with the gradient, so forward+backward peaks near 1x the
-logits above the inputs (MONAI: 3x; its softmax, float one-hot and their product). The backward works chunk by
-chunk over voxels so its temporaries stay small.
+(1x the logits' bytes, as exponentials plus one reciprocal sum per voxel for the softmax) and the backward
+overwrites it with the gradient, so forward+backward peaks near 1x the logits above the inputs (MONAI: 3x; its
+softmax, float one-hot and their product). Both passes go chunk by chunk over voxels, so that every other
+per-voxel quantity lives for one cache-sized chunk.
+
+Time on CPU: one ``exp`` per logit and about five passes over cache-resident chunks; what is left is mostly the
+kernel's first touch of the one fresh logits-sized buffer (the gradient-to-be), page by page.
 
 A second backward through the same graph (``retain_graph=True``, ``gradcheck``) recomputes the activation from
 the saved logits; double backward (``create_graph=True``) is not supported (``once_differentiable``).
@@ -41,8 +45,8 @@ def class_sums(
     CPU: one float64 ``bincount`` over ``b * C + label`` (it adds sequentially, so float32 would drift on large
     volumes; labels are range-checked on the host before this), or a float64 scatter-add where ``values`` needs a
     gradient or ``torch.compile`` traces (``bincount`` has neither). Accelerators (``blocked``): atomic adds onto
-    only C counters serialise, so each block of ``_BLOCK`` voxels gets its own float32 histogram, and the
-    (B, blocks, C) partial sums are added in float64.
+    only C counters serialise, so each block of ``_BLOCK`` voxels gets its own float32 (float64 for float64 values)
+    histogram, and the (B, blocks, C) partial sums are added in float64.
     """
     b, n = labels.shape
     if not blocked and values is not None and (values.requires_grad or torch.compiler.is_compiling()):
@@ -58,8 +62,9 @@ def class_sums(
     blocks = -(-n // _BLOCK)
     block_of = torch.arange(n, device=labels.device) // _BLOCK
     idx = torch.add(labels, block_of, alpha=num_classes)  # block * C + label
-    partial = torch.zeros(b, blocks * num_classes, dtype=torch.float32, device=labels.device)
-    partial.scatter_add_(1, idx, values.float())
+    acc = torch.promote_types(values.dtype, torch.float32)  # float64 values keep float64 partial sums
+    partial = torch.zeros(b, blocks * num_classes, dtype=acc, device=labels.device)
+    partial.scatter_add_(1, idx, values.to(acc))
     return partial.view(b, blocks, num_classes).sum(1, dtype=torch.float64)
 
 
@@ -74,6 +79,9 @@ def _step(p: torch.Tensor) -> int:
 # subtracted, and so is the rest of the volume. Inside that range neither exp(x) nor its reciprocal sum overflows
 # or goes subnormal, so the probabilities carry the same rounding as the shifted form.
 _SAFE_SUM_LOG2 = {torch.float32: 96, torch.float64: 768}
+# devices where a value check costs no sync and class sums are sequential (bincount); others: always-shifted
+# softmax and blocked class sums
+_HOST_DEVICES = {"cpu"}
 
 
 def _forward_chunks(
@@ -101,8 +109,9 @@ def _forward_chunks(
     r = torch.empty((b, n), dtype=dtype, device=dev) if softmax else None
     inter, psum, tsum = (torch.zeros((b, c), dtype=torch.float64, device=dev) for _ in range(3))
     nll = torch.zeros((), dtype=torch.float64, device=dev)
-    blocked = dev.type != "cpu"
-    unshifted = dev.type == "cpu" and dtype in _SAFE_SUM_LOG2  # a range check is free only on the host
+    host = dev.type in _HOST_DEVICES
+    blocked = not host
+    unshifted = host and dtype in _SAFE_SUM_LOG2  # a range check is free only on the host
     bound = 2.0 ** _SAFE_SUM_LOG2.get(dtype, 0)
     step = _step(e)
     for lo in range(0, n, step):

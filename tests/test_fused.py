@@ -43,15 +43,15 @@ _FLAGS = list(
 )
 
 
-@pytest.mark.parametrize("shifted", [False, True], ids=["cpu", "shifted"])
+@pytest.mark.parametrize("as_accelerator", [False, True], ids=["cpu", "as-accelerator"])
 @pytest.mark.parametrize("name,act,squared,ignore_index,lambda_ce,weighted", _FLAGS)
 def test_fused_equals_plain_autograd(
-    small_chunks, monkeypatch, shifted, name, act, squared, ignore_index, lambda_ce, weighted
+    small_chunks, monkeypatch, as_accelerator, name, act, squared, ignore_index, lambda_ce, weighted
 ):
     """Values and gradients of both paths agree to float64 rounding, over chunk boundaries, for every flag; also
-    with the max-shifted softmax that accelerators always take (``shifted``)."""
-    if shifted:
-        monkeypatch.setattr(fused, "_SAFE_SUM_LOG2", {})
+    with what accelerators run (``as_accelerator``: the max-shifted softmax and blocked class sums)."""
+    if as_accelerator:
+        monkeypatch.setattr(fused, "_HOST_DEVICES", set())
     g = torch.Generator().manual_seed(1)
     x = 3.0 * torch.randn(2, 5, 4, 3, 3, generator=g, dtype=torch.float64)
     y = torch.randint(0, 5, (2, 1, 4, 3, 3), generator=g)
