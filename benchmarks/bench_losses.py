@@ -75,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.configure_parser(parser)
     args = parser.parse_args(argv)
     try:
+        bench.check_csv_path(args.csv)
         rows = bench.benchmark(
             args.shapes or SHAPES, rounds=args.rounds, warmup=args.warmup, threads=args.threads,
             device=args.device, memory=args.memory, losses=args.losses, seed=args.seed,

@@ -656,6 +656,19 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
         writer.writerows(rows)
 
 
+def check_csv_path(path: str | os.PathLike | None) -> None:
+    """Raise ValueError naming ``--csv`` if ``path`` cannot be a new file: checked before minutes of measuring."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"`--csv` {str(path)!r} is a folder; give a file name.")
+    if not os.path.isdir(folder):
+        raise ValueError(f"`--csv` {str(path)!r}: folder {folder!r} does not exist.")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"`--csv` {str(path)!r}: folder {folder!r} is not writable.")
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
@@ -700,6 +713,7 @@ def run(args: argparse.Namespace) -> int:
     """
     shapes = getattr(args, "shapes", None) or [(2, 16, 64, 64, 64)]
     try:
+        check_csv_path(args.csv)
         rows = benchmark(
             shapes, rounds=args.rounds, warmup=args.warmup, threads=args.threads, device=args.device,
             memory=args.memory, losses=args.losses, seed=getattr(args, "seed", 0),

@@ -170,6 +170,16 @@ def test_cli_run_prints_table_and_writes_csv(tmp_path, capsys):
     assert math.isfinite(float(saved[0]["time_vs_monai"]))
 
 
+@pytest.mark.parametrize("where", ["missing-folder", "a-folder"])
+def test_cli_run_rejects_an_unwritable_csv_before_measuring(tmp_path, capsys, monkeypatch, where):
+    target = tmp_path / "nope" / "bench.csv" if where == "missing-folder" else tmp_path
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: pytest.fail("measured before checking `--csv`"))
+    args = _parser().parse_args(["--shape", "1,3,8,8,8", "--no-memory", "--csv", str(target)])
+    assert bench.run(args) == 2
+    err = capsys.readouterr().err
+    assert "`--csv`" in err and ("does not exist" in err if where == "missing-folder" else "is a folder" in err)
+
+
 def test_parser_defaults_and_repeated_shapes():
     args = _parser().parse_args([])
     assert (args.rounds, args.warmup, args.threads, args.device, args.memory) == (7, 2, 2, "cpu", True)
