@@ -114,18 +114,30 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _prepare_out(out: str | None, kind: str) -> Path:
+@contextlib.contextmanager
+def _run_folder(out: str | None, kind: str) -> Iterator[Path]:
+    """Create the run folder (``--out`` or ``runs/<kind>-<timestamp>``); if the run fails before writing any file
+    into it, remove what this created, so that a failed run leaves no empty folder behind."""
     path = Path(out) if out else Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise CLIError(f"`--out` {str(path)!r} already exists and is not an empty folder; choose a new one")
+    existed = path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CLIError(f"`--out`: cannot create {str(path)!r}: {e.strerror or e}") from None
-    return path
+    try:
+        yield path
+    except BaseException:
+        if not any(p.is_file() for p in path.rglob("*")):
+            for sub in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                sub.rmdir()
+            if not existed:
+                path.rmdir()
+        raise
 
 
-def _positive(name: str, minimum: int = 1):
+def _positive(name: str, minimum: int = 1, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -133,6 +145,8 @@ def _positive(name: str, minimum: int = 1):
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{name} must be <= {maximum}, got {value}")
         return value
 
     return parse
@@ -464,7 +478,10 @@ def _common_training_args(p: argparse.ArgumentParser, epochs: int) -> None:
     )  # fmt: skip
     p.add_argument("--batch-size", type=_positive("--batch-size"), default=DEFAULT_BATCH, help=f"({DEFAULT_BATCH})")
     p.add_argument("--lr", type=_learning_rate, default=DEFAULT_LR, help=f"Adam learning rate ({DEFAULT_LR})")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, split, initialisation and shuffling (0)")
+    p.add_argument(
+        "--seed", type=_positive("--seed", 0, 2**32 - 1), default=0,
+        help="seed of data, split, initialisation and shuffling, in [0, 2**32) as NumPy's (0)",
+    )  # fmt: skip
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -486,10 +503,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``gdl-plus demo``: train the bundle once, print the per-class table and the run folder."""
     variant = _check_variant(args.loss, "--loss")
     kwargs = _train_kwargs(args, decathlon := _check_data(args.data))
-    out = _prepare_out(args.out, "demo")
-    print(f"gdl-plus demo: loss {variant}, {args.epochs} epochs on {kwargs['device']}, data {_source(args, decathlon)}")
-    with _quiet_libraries():
-        result = train_bundle(variant=variant, out_dir=out, **kwargs)
+    with _run_folder(args.out, "demo") as out:
+        print(f"gdl-plus demo: loss {variant}, {args.epochs} epochs on {kwargs['device']}, "
+              f"data {_source(args, decathlon)}")  # fmt: skip
+        with _quiet_libraries():
+            result = train_bundle(variant=variant, out_dir=out, **kwargs)
     print()
     print(f"Per-class validation Dice after {len(result.history)} epochs ({result.seconds:.0f} s, loss {variant}):")
     print(_class_table(result))
@@ -502,17 +520,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """``gdl-plus compare``: several loss variants on the same data and seed; one table, one plot, a verdict."""
     variants = _parse_variants(args.variants)
     kwargs = _train_kwargs(args, decathlon := _check_data(args.data))
-    out = _prepare_out(args.out, "compare")
-    print(
-        f"gdl-plus compare: {', '.join(variants)}; {args.epochs} epochs each on {kwargs['device']}, "
-        f"data {_source(args, decathlon)}, seed {args.seed}"
-    )
     results = []
-    with _quiet_libraries():
-        for variant in variants:
-            results.append(train_bundle(variant=variant, out_dir=out / variant, echo=False, **kwargs))
-            r = results[-1]
-            print(f"  {variant:<20} done in {r.seconds:5.0f} s   mean Dice {_fmt(r.final.get('mean', math.nan))}")
+    with _run_folder(args.out, "compare") as out:
+        print(
+            f"gdl-plus compare: {', '.join(variants)}; {args.epochs} epochs each on {kwargs['device']}, "
+            f"data {_source(args, decathlon)}, seed {args.seed}"
+        )
+        with _quiet_libraries():
+            for variant in variants:
+                results.append(train_bundle(variant=variant, out_dir=out / variant, echo=False, **kwargs))
+                r = results[-1]
+                print(f"  {variant:<20} done in {r.seconds:5.0f} s   mean Dice {_fmt(r.final.get('mean', math.nan))}")
     csv_path, png_path = out / "compare.csv", out / "compare.png"
     _write_compare_csv(results, csv_path)
     _plot_compare(results, png_path)

@@ -120,11 +120,38 @@ def test_bad_options_give_one_line(capsys, tmp_path, argv, match):
         (["demo", "--lr", "-1"], "--lr must be a positive finite number, got -1"),
         (["compare", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
         (["demo", "--unknown"], "unrecognized arguments: --unknown"),
+        (["demo", "--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["compare", "--seed", str(2**32)], f"--seed must be <= {2**32 - 1}, got {2**32}"),
     ],
 )
 def test_argparse_errors_exit_2(capsys, argv, match):
     code, _, err = _run(capsys, *argv)
     assert code == 2 and match in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["demo", "compare"])
+@pytest.mark.parametrize("wrote_a_file", [False, True])
+def test_failed_run_leaves_no_empty_run_folder(capsys, tmp_path, monkeypatch, command, wrote_a_file):
+    """A run that fails before writing anything removes the folder it created; one that wrote files keeps them."""
+
+    def failing_train(out_dir, **kwargs):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if wrote_a_file:
+            (out_dir / "metrics.csv").write_text("epoch\n")
+        raise ValueError("`image` has 2 channels, expected 1")
+
+    monkeypatch.setattr(cli, "train_bundle", failing_train)
+    out = tmp_path / "sub" / "run"
+    code, _, err = _run(capsys, command, *TINY, "--out", str(out))
+    _assert_one_line_error(code, err, "expected 1")
+    assert out.exists() == wrote_a_file
+    assert (tmp_path / "sub").exists()  # the run folder goes, not the parents `mkdir(parents=True)` made
+    # an empty folder given with --out is the user's: emptied of what the run made, but kept
+    given = tmp_path / "given"
+    given.mkdir()
+    if not wrote_a_file:
+        code, _, _ = _run(capsys, command, *TINY, "--out", str(given))
+        assert code == 2 and given.is_dir() and not any(given.iterdir())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
