@@ -242,7 +242,10 @@ def _discover(root: Path) -> list[dict[str, str]]:
         if case not in labels and case.endswith("_0000"):
             case = case[: -len("_0000")]
         elif case.rsplit("_", 1)[-1].isdigit() and len(case.rsplit("_", 1)[-1]) == 4 and case not in labels:
-            continue  # a second modality file of nnU-Net's naming (case_0001): only single-channel is discovered
+            raise DatasetError(
+                f"{root}: imagesTr/{image.name} is a second channel file in nnU-Net v2's one-file-per-channel layout, "
+                "which is not supported; stack each case's channels into one 4D NIfTI (channels last), as MSD does"
+            )
         if case not in labels:
             raise DatasetError(f"{root}: image imagesTr/{image.name} has no label in labelsTr/")
         items.append({"image": str(image.resolve()), "label": str(labels[case].resolve())})

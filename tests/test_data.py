@@ -202,6 +202,15 @@ def test_load_decathlon_nnunet_format_discovers_cases(tmp_path):
     assert [Path(i["label"]).name for i in ds.items] == ["case_0.nii.gz", "case_1.nii.gz"]
 
 
+def test_load_decathlon_nnunet_one_file_per_channel_is_named_as_unsupported(tmp_path):
+    root = write_decathlon(tmp_path / "Dataset002", num_cases=1, size=12, style="nnunet")
+    second = root / "imagesTr" / "case_0_0001.nii.gz"
+    second.write_bytes((root / "imagesTr" / "case_0_0000.nii.gz").read_bytes())
+    _edit_meta(root, channel_names={"0": "T1", "1": "T2"})
+    with pytest.raises(DatasetError, match=r"case_0_0001.nii.gz is a second channel file .* one 4D NIfTI"):
+        load_decathlon(root)
+
+
 def test_load_decathlon_multichannel_images(tmp_path):
     root = write_decathlon(tmp_path / "T", num_cases=1, size=12, channels=2)
     assert load_decathlon(root).in_channels == 2
