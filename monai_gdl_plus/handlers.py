@@ -55,7 +55,9 @@ class PerClassDiceLogger:
         writer: a TensorBoard ``SummaryWriter`` (or anything with ``add_scalar`` and ``flush``) to use instead.
         csv_path: CSV history file; default ``log_dir/per_class_dice.csv`` when ``log_dir`` is given.
         plot_path: PNG file; default ``log_dir/per_class_dice.png`` when ``log_dir`` is given.
-        every: ``"epoch"`` (``EPOCH_COMPLETED``) or a positive int N (every N ``ITERATION_COMPLETED``).
+        every: ``"epoch"`` (``EPOCH_COMPLETED``) or a positive int N (every N ``ITERATION_COMPLETED``). With N the
+            TensorBoard step is ``engine.state.iteration``, which a trainer counts across epochs but an evaluator
+            restarts at every run: on an evaluator keep ``"epoch"`` with ``global_epoch_transform``.
         global_epoch_transform: maps ``engine.state.epoch`` to the epoch written to the rows (MONAI's argument).
         logger: a ``logging.Logger`` or its name; default ``logging.getLogger("monai_gdl_plus.handlers")``.
 
