@@ -96,21 +96,25 @@ def _forward_chunks(
 ):
     """The activation, kept as one logits-sized buffer, and the (B, C) terms, taken while each chunk is hot.
 
-    Returns ``e`` (B, C, N), ``r`` (B, N) or None, and the intersection, prediction sum, target volume (each
-    (B, C)) and summed NLL (0-d), all in ``dtype``. Softmax: ``e`` holds the exponentials ``exp(x - s)`` (``s`` 0
-    or the voxel's max logit) and ``r = 1 / sum_c e`` so that ``p = e * r``; leaving the division to the consumers
-    saves a pass over the logits. Sigmoid: ``e = p`` and ``r`` is None. Going over the voxels in cache-sized chunks
-    beats ``torch.softmax`` over the channel axis on CPU, and yields the log-sum-exp for the CE term for free. Only
-    ``e`` and ``r`` are voxel-sized: every other per-voxel quantity lives for one chunk.
+    Returns ``e`` (B, C, N), ``r`` (B, N) or None, the true class's probability ``p_t`` (B, N), and the
+    intersection, prediction sum, target volume (each (B, C)) and summed NLL (0-d), all in ``dtype``.
+
+    Softmax: ``e`` holds the exponentials ``exp(x - s)`` (``s`` 0 or the voxel's max logit) and ``r = 1 / sum_c e``
+    so that ``p = e * r``; leaving the division to the consumers saves a pass over the logits. Sigmoid: ``e = p``
+    and ``r`` is None. Going over the voxels in cache-sized chunks beats ``torch.softmax`` over the channel axis on
+    CPU, and yields the log-sum-exp for the CE term for free. Only ``e``, ``r`` and ``p_t`` are voxel-sized: every
+    other per-voxel quantity lives for one chunk.
     """
     b, c, n = x.shape
     dev = x.device
-    e = torch.empty((b, c, n), dtype=dtype, device=dev)
-    r = torch.empty((b, n), dtype=dtype, device=dev) if softmax else None
-    inter, psum, tsum = (torch.zeros((b, c), dtype=torch.float64, device=dev) for _ in range(3))
-    nll = torch.zeros((), dtype=torch.float64, device=dev)
     host = dev.type in _HOST_DEVICES
     blocked = not host
+    tsum = class_sums(mask, labels, c, blocked)  # before the big buffer: its float64 copy of the mask is freed
+    e = torch.empty((b, c, n), dtype=dtype, device=dev)
+    r = torch.empty((b, n), dtype=dtype, device=dev) if softmax else None
+    pt = torch.empty((b, 1, n), dtype=dtype, device=dev)  # the true class's probability
+    inter, psum = (torch.zeros((b, c), dtype=torch.float64, device=dev) for _ in range(2))
+    nll = torch.zeros((), dtype=torch.float64, device=dev)
     unshifted = host and dtype in _SAFE_SUM_LOG2  # a range check is free only on the host
     bound = 2.0 ** _SAFE_SUM_LOG2.get(dtype, 0)
     step = _step(e)
@@ -120,7 +124,7 @@ def _forward_chunks(
         mc = None if mask is None else mask[:, None, lo:hi]
         if not softmax:
             torch.sigmoid(xc, out=ec)
-            tp = ec.gather(1, lab)
+            tp = torch.gather(ec, 1, lab, out=pt[:, :, lo:hi])
             wv = mc
         else:
             shift = None
@@ -136,7 +140,7 @@ def _forward_chunks(
                 ec.exp_()
                 tot = ec.sum(1, keepdim=True)
             rc = torch.reciprocal(tot, out=r[:, None, lo:hi])
-            tp = ec.gather(1, lab).mul_(rc)
+            tp = torch.gather(ec, 1, lab, out=pt[:, :, lo:hi]).mul_(rc)
             wv = rc * rc if squared else rc
             wv = wv if mc is None else wv * mc
             if with_ce:  # -log p_t = lse - x_t, lse = s + log(sum_c e)
@@ -146,21 +150,21 @@ def _forward_chunks(
                 nll += (nlp if cw is None else nlp * cw).sum(dtype=torch.float64)
         qc = ec * ec if squared else ec
         psum += qc.sum(-1) if wv is None else torch.bmm(qc, wv.transpose(1, 2)).squeeze(-1)
-        lab2 = lab.squeeze(1)
-        inter += class_sums((tp if mc is None else tp * mc).squeeze(1), lab2, c, blocked)
-        tsum += class_sums(None if mc is None else mc.squeeze(1), lab2, c, blocked)
-    return e, r, inter.to(dtype), psum.to(dtype), tsum.to(dtype), nll.to(dtype)
+        inter += class_sums((tp if mc is None else tp * mc).squeeze(1), lab.squeeze(1), c, blocked)
+    return e, r, pt.squeeze(1), inter.to(dtype), psum.to(dtype), tsum.to(dtype), nll.to(dtype)
 
 
 class _FusedLabelTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, labels, mask, ce_weight, softmax: bool, squared: bool, with_ce: bool):  # noqa: D102
         dtype = torch.promote_types(x.dtype, torch.float32)
-        e, r, inter, psum, tsum, nll = _forward_chunks(x, labels, mask, ce_weight, softmax, squared, dtype, with_ce)
-        ctx.save_for_backward(x, labels, mask, ce_weight, r)
-        # kept off save_for_backward: the backward overwrites it, and must drop it so autograd can take the
-        # buffer as the gradient without a copy
-        ctx.e = e
+        e, r, pt, inter, psum, tsum, nll = _forward_chunks(
+            x, labels, mask, ce_weight, softmax, squared, dtype, with_ce
+        )
+        ctx.save_for_backward(x, labels, mask, ce_weight)
+        # kept off save_for_backward: the backward overwrites them (``e`` becomes the gradient, which autograd can
+        # then take without a copy; ``p_t`` the per-voxel true-class term) and drops them
+        ctx.buffers = (e, r, pt)
         ctx.flags = (softmax, squared, with_ce, dtype)
         ctx.mark_non_differentiable(tsum)
         return inter, psum, tsum, nll
@@ -168,13 +172,14 @@ class _FusedLabelTerms(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_inter, g_psum, _g_tsum, g_nll):  # noqa: D102
-        x, labels, mask, ce_weight, r = ctx.saved_tensors
+        x, labels, mask, ce_weight = ctx.saved_tensors
         softmax, squared, with_ce, dtype = ctx.flags
-        e, ctx.e = ctx.e, None
-        if e is None:  # a second backward: the first one turned the saved activation into its gradient
-            e = _forward_chunks(x, labels, mask, None, softmax, False, dtype, False)[0]  # same shifts, so same r
+        buffers, ctx.buffers = ctx.buffers, None
+        if buffers is None:  # a second backward: the first one turned the saved buffers into its gradient
+            buffers = _forward_chunks(x, labels, mask, None, softmax, False, dtype, False)[:3]  # same shifts
+        e, r, pt = buffers
         g_nll = g_nll if softmax and with_ce else None
-        grad = _backward_in_place(e, r, labels, mask, ce_weight, g_inter, g_psum, g_nll, squared)
+        grad = _backward_in_place(e, r, pt, labels, mask, ce_weight, g_inter, g_psum, g_nll, squared)
         return grad.to(x.dtype), None, None, None, None, None, None
 
 
@@ -182,61 +187,53 @@ def _zeros_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
-def _backward_in_place(e, r, labels, mask, ce_weight, g_inter, g_psum, g_nll, squared):
-    """Overwrite ``e`` (see :func:`_forward_chunks`; softmax when ``r`` is given, else sigmoid) with dL/dx.
+def _backward_in_place(e, r, pt, labels, mask, ce_weight, g_inter, g_psum, g_nll, squared):
+    """Overwrite ``e`` (see :func:`_forward_chunks`; softmax when ``r`` is given, else sigmoid) with dL/dx, and
+    ``pt`` (the true class's probability, (B, N)) with the true-class correction.
 
     With ``q[c, n] = dL/dp[c, n] = m_n (gP_c h(p) + gI_c [c == t_n])`` (``h = 1``, or ``2p`` when squared) and the
-    CE part ``g_nll m_n w_t (p_c - [c == t_n])``, the softmax gradient is
-    ``p_c (q_c - sum_k p_k q_k) + CE part``; the sigmoid gradient is ``p (1 - p) q``. For the softmax, the dense
-    part is written as ``e_c (gP_c h(p_c) u - w)`` with the per-voxel ``u = m r`` and
-    ``w = u (sum_k p_k gP_k h(p_k) + gI_t p_t) - r (CE part)``; the true-class terms are added by a scatter. All of
-    it chunk by chunk: the chunk-sized temporaries are all the backward allocates.
+    CE part ``g_nll m_n w_t (p_c - [c == t_n])``, the softmax gradient is ``p_c (q_c - sum_k p_k q_k) + CE part``;
+    the sigmoid gradient is ``p (1 - p) q``. Per voxel, the true class gets the correction
+    ``k = m gI_t p_t - g_nll m w_t`` (softmax) or ``m gI_t p_t (1 - p_t)`` (sigmoid), added by a scatter. For the
+    softmax the dense part is ``e_c (gP_c h(p_c) u - w)`` with ``u = m r`` and
+    ``w = u sum_k p_k gP_k h(p_k) + r k``, so that one chunk-sized temporary is all each chunk allocates.
     """
     softmax = r is not None
     g_psum = _zeros_if_none(g_psum, e[:, :, 0]).to(e.dtype)
     g_inter = _zeros_if_none(g_inter, e[:, :, 0]).to(e.dtype)
-    g_nll = None if g_nll is None else g_nll.to(e.dtype)
-    ce_weight = None if ce_weight is None else ce_weight.to(e.dtype)
+    # the per-voxel true-class correction k, in place of p_t (one lookup of gI over the whole volume)
+    corr = pt if softmax else pt.addcmul_(pt, pt, value=-1.0)  # p_t, or p_t (1 - p_t)
+    corr.mul_(g_inter.gather(1, labels))
+    if mask is not None:
+        corr.mul_(mask)
+    if g_nll is not None:
+        ce_v = g_nll.to(e.dtype) if ce_weight is None else g_nll.to(e.dtype) * ce_weight.to(e.dtype)[labels]
+        corr.sub_(ce_v if mask is None else ce_v * mask)
     n = e.shape[-1]
     step = max(1, _step(e) // 4)  # quarter-size chunks: the backward's temporaries are what sets the peak
     beta = g_psum[:, :, None]
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        ec, lab = e[:, :, lo:hi], labels[:, None, lo:hi]
+        ec, lab, kc = e[:, :, lo:hi], labels[:, None, lo:hi], corr[:, None, lo:hi]
         mc = None if mask is None else mask[:, None, lo:hi]
-        ce_c = None  # g_nll m w_t
-        if g_nll is not None:
-            ce_c = g_nll if ce_weight is None else g_nll * ce_weight[lab]
-            ce_c = ce_c if mc is None else ce_c * mc
-        gi_t = g_inter.gather(1, lab.squeeze(1)).unsqueeze(1)  # (B, 1, n): gI at the true class
         if softmax:
             rc = r[:, None, lo:hi]
             u = rc if mc is None else rc * mc
             if squared:
                 hq = ec * (2.0 * beta)  # gP_c h(p_c) / r
-                s = (hq * ec).sum(1, keepdim=True).mul_(rc)  # sum_k p_k gP_k h(p_k) / r
+                w = (hq * ec).sum(1, keepdim=True).mul_(u * rc)  # u sum_k p_k gP_k h(p_k) / r
+                factor = hq.mul_(u * rc)
             else:
-                s = torch.bmm(g_psum[:, None, :], ec)  # sum_k p_k gP_k / r
-            # gathered after the pass above has brought the chunk into cache: one random row per voxel
-            gie = gi_t.mul_(ec.gather(1, lab))  # gI_t e_t = gI_t p_t / r
-            w = s.add_(gie).mul_(u * rc)
-            if ce_c is not None:
-                w.sub_(ce_c * rc)
-            factor = hq.mul_(u * rc).sub_(w) if squared else torch.addcmul(w.neg_(), beta, u)
-            corr = gie.mul_(rc)  # + m gI_t p_t, - g_nll m w_t
+                w = torch.bmm(g_psum[:, None, :], ec).mul_(u)  # u sum_k p_k gP_k / r
+            w.add_(kc).mul_(rc)
+            factor = factor.sub_(w) if squared else torch.addcmul(w.neg_(), beta, u)
         else:
-            tp = ec.gather(1, lab)  # p_t
             hq = ec * (2.0 * beta) if squared else beta
             factor = (1.0 - ec) * hq
             if mc is not None:
                 factor = factor * mc
-            corr = gi_t.mul_(tp).mul_(1.0 - tp)  # + m gI_t p_t (1 - p_t)
         ec.mul_(factor)
-        if mc is not None:
-            corr = corr * mc
-        if ce_c is not None:
-            corr = corr - ce_c
-        ec.scatter_add_(1, lab, corr)
+        ec.scatter_add_(1, lab, kc)
     return e
 
 
