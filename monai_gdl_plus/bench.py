@@ -317,6 +317,21 @@ def measure_floor(device: str = "cpu", nbytes: int = 256 * 2**20, repeats: int =
     return {"bandwidth_gbs": 2 * n * 4 / t_copy / 1e9, "exp_ns": t_exp / n * 1e9}
 
 
+def measure_first_touch(nbytes: int, repeats: int = 5) -> float:
+    """Milliseconds the CPU spends making ``nbytes`` of freshly allocated memory usable (page faults and zeroing,
+    as the first write to a new tensor pays them): filling a new tensor minus filling a touched one, medians.
+
+    Every implementation pays this at least once per step, for the gradient; on virtual machines it can exceed
+    the arithmetic of a whole loss, and it varies with the host's memory state, so it is measured next to the
+    losses, per shape.
+    """
+    n = max(1, nbytes // 4)
+    warm = torch.empty(n)
+    t_warm = _median_time(lambda: warm.fill_(0.0), "cpu", repeats)
+    t_fresh = _median_time(lambda: torch.empty(n).fill_(0.0), "cpu", repeats)
+    return max(0.0, t_fresh - t_warm) * 1e3
+
+
 def _peak_cuda(loss_fn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     x.grad = None
     gc.collect()
@@ -472,6 +487,7 @@ def _bench_shape(shape, keys, status, rounds, warmup, threads, device, memory, s
         for k in keys
     }
     x, y = _make_inputs(shape, device, seed)
+    first_touch_ms = measure_first_touch(logits_bytes) if device == "cpu" else math.nan
     fns: dict[str, torch.nn.Module] = {}
     for k in keys:
         if status[k] != "ok":
@@ -536,6 +552,7 @@ def _bench_shape(shape, keys, status, rounds, warmup, threads, device, memory, s
         row["bandwidth_gbs"] = floor["bandwidth_gbs"]
         row["floor_ms"] = floor_ms
         row["exp_floor_ms"] = exp_floor_ms
+        row["first_touch_ms"] = first_touch_ms
         row["time_vs_floor"] = _ratio(row["median_ms"], floor_ms)
         row["mem_vs_floor"] = row["peak_L"]
         spec = _SPECS[k]
@@ -620,7 +637,8 @@ def format_table(rows: Sequence[dict]) -> str:
             "busy and times measure contention as much as the loss).",
             "Floors: time = reading the logits and writing their gradient once (2 L) at the copy bandwidth measured "
             f"here, {r0['bandwidth_gbs']:.1f} GB/s (t/floor = time / that); memory = 1.0 L, the gradient (xL is the "
-            "distance from it).",
+            "distance from it). First touch = what making L bytes of new memory usable cost just before the shape "
+            "was timed (page faults); every implementation pays it at least once, for the gradient.",
         )
         out.extend(textwrap.fill(note, width=110) for note in notes)
         busy: dict[str, float] = {}
@@ -638,8 +656,10 @@ def format_table(rows: Sequence[dict]) -> str:
                 continue
             seen.append(r["shape"])
             exp = "" if not math.isfinite(r["exp_floor_ms"]) else f"; two exp per logit take {r['exp_floor_ms']:.2f} ms"
+            touch = r.get("first_touch_ms", math.nan)
+            touch = "" if not math.isfinite(touch) else f"; first touch of L fresh bytes {touch:.1f} ms"
             out.append(
-                f"  {r['shape']}: L = {r['logits_mb']:.1f} MB; time floor {r['floor_ms']:.2f} ms{exp}; "
+                f"  {r['shape']}: L = {r['logits_mb']:.1f} MB; time floor {r['floor_ms']:.2f} ms{exp}{touch}; "
                 f"memory floor {r['logits_mb']:.1f} MB"
             )
     return "\n".join(out)

@@ -73,6 +73,8 @@ def test_table_prints_every_row_ratio_and_floor(tiny_rows):
         assert r["shape"] in row_line
         assert f"{r['time_vs_monai']:.2f}" in row_line.split(r["shape"])[1]
     assert "time floor" in table and "memory floor" in table and "GB/s" in table
+    assert "first touch of L fresh bytes" in table
+    assert all(math.isfinite(r["first_touch_ms"]) and r["first_touch_ms"] >= 0 for r in tiny_rows)
 
 
 def test_unavailable_nnunet_is_reported_not_raised(monkeypatch):
@@ -221,6 +223,11 @@ def test_cli_bad_value_is_one_line_error(capsys):
     assert bench.run(args) == 2
     err = capsys.readouterr().err.strip()
     assert err == "gdl-plus bench: error: `rounds` must be >= 1, got 0."
+
+
+def test_measure_first_touch_is_a_nonnegative_time():
+    ms = bench.measure_first_touch(8 * 2**20, repeats=2)
+    assert math.isfinite(ms) and ms >= 0.0
 
 
 def test_measure_floor_is_positive():
