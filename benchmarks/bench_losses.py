@@ -5,6 +5,13 @@ Usage::
     python benchmarks/bench_losses.py                 # the three issue shapes, all losses, time and memory
     python benchmarks/bench_losses.py --no-memory --csv bench.csv
     python benchmarks/bench_losses.py --shape 1,3,32,32,32 --rounds 1   # a quick look
+    # the same without page faults for anyone (an allocator that keeps freed memory; apt install libjemalloc2):
+    MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true \
+        LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python benchmarks/bench_losses.py --no-memory
+
+On a virtual machine the first touch of fresh memory (printed per shape) can cost more than a loss's arithmetic
+and varies with the host; MONAI pays it for 3-5 logits-sized tensors per step, we pay it for one (the gradient).
+The allocator line above shows the arithmetic alone.
 
 Method and columns: see :mod:`monai_gdl_plus.bench` (one process for all timings, warm-ups, round-robin rounds,
 medians; peak extra memory from a fresh subprocess per case). nnU-Net v2 is compared when importable
