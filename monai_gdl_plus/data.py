@@ -241,7 +241,7 @@ def _discover(root: Path) -> list[dict[str, str]]:
         case = _strip_nifti(image.name)
         if case not in labels and case.endswith("_0000"):
             case = case[: -len("_0000")]
-        elif case.rsplit("_", 1)[-1].isdigit() and len(case.rsplit("_", 1)[-1]) == 4 and case not in labels:
+        elif case not in labels and case[-5:-4] == "_" and case[-4:].isdigit() and case[:-5] in labels:
             raise DatasetError(
                 f"{root}: imagesTr/{image.name} is a second channel file in nnU-Net v2's one-file-per-channel layout, "
                 "which is not supported; stack each case's channels into one 4D NIfTI (channels last), as MSD does"

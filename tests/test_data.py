@@ -209,6 +209,10 @@ def test_load_decathlon_nnunet_one_file_per_channel_is_named_as_unsupported(tmp_
     _edit_meta(root, channel_names={"0": "T1", "1": "T2"})
     with pytest.raises(DatasetError, match=r"case_0_0001.nii.gz is a second channel file .* one 4D NIfTI"):
         load_decathlon(root)
+    # a four-digit suffix whose case has no label is a missing label, not a channel file
+    second.rename(root / "imagesTr" / "other_0001.nii.gz")
+    with pytest.raises(DatasetError, match=r"imagesTr/other_0001.nii.gz has no label in labelsTr/"):
+        load_decathlon(root)
 
 
 def test_load_decathlon_multichannel_images(tmp_path):
