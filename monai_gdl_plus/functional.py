@@ -435,10 +435,8 @@ def _label_terms_soft(
     true_p = probs.gather(1, labels[:, None]).squeeze(1)  # (B, N): probability of the true class
     if mask is not None:
         true_p = true_p * mask
-    blocked = probs.device.type != "cpu"
-    inter = class_sums(true_p, labels, num_ch, blocked).to(probs.dtype)
-    ones = mask if mask is not None else torch.ones_like(true_p)
-    tsum = class_sums(ones, labels, num_ch, blocked).to(probs.dtype)
+    inter = class_sums(true_p, labels, num_ch).to(probs.dtype)
+    tsum = class_sums(mask, labels, num_ch).to(probs.dtype)  # mask None: voxel counts
     q = probs * probs if squared else probs
     psum = q.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", q, mask)
     return inter, psum, tsum

@@ -36,11 +36,16 @@ _DEFAULT_CHUNK = 1 << 24
 _BLOCK = 4096  # voxels per partial histogram on accelerators
 
 
+def _on_host(device: torch.device) -> bool:
+    """Whether a value check costs no sync there and class sums can be sequential (see ``_HOST_DEVICES``)."""
+    return device.type in _HOST_DEVICES
+
+
 def class_sums(
-    values: torch.Tensor | None, labels: torch.Tensor, num_classes: int, blocked: bool
+    values: torch.Tensor | None, labels: torch.Tensor, num_classes: int, blocked: bool | None = None
 ) -> torch.Tensor:
     """``out[b, c] = sum(values[b, n] for n with labels[b, n] == c)`` in float64, without a one-hot; ``values``
-    None counts voxels.
+    None counts voxels. ``blocked`` None: blocked everywhere but on the host (``labels``' device).
 
     CPU: one float64 ``bincount`` over ``b * C + label`` (it adds sequentially, so float32 would drift on large
     volumes; labels are range-checked on the host before this), or a float64 scatter-add where ``values`` needs a
@@ -49,9 +54,12 @@ def class_sums(
     histogram, and the (B, blocks, C) partial sums are added in float64.
     """
     b, n = labels.shape
-    if not blocked and values is not None and (values.requires_grad or torch.compiler.is_compiling()):
+    if blocked is None:
+        blocked = not _on_host(labels.device)
+    if not blocked and (torch.compiler.is_compiling() or (values is not None and values.requires_grad)):
+        ones = torch.ones(labels.shape, dtype=torch.float64, device=labels.device) if values is None else None
         out = torch.zeros(b, num_classes, dtype=torch.float64, device=labels.device)
-        return out.scatter_add_(1, labels, values.double())
+        return out.scatter_add_(1, labels, ones if values is None else values.double())
     if not blocked:
         idx = labels if b == 1 else torch.add(labels, torch.arange(b, device=labels.device)[:, None], alpha=num_classes)
         weights = None if values is None else values.double().reshape(-1)
@@ -107,7 +115,7 @@ def _forward_chunks(
     """
     b, c, n = x.shape
     dev = x.device
-    host = dev.type in _HOST_DEVICES
+    host = _on_host(dev)
     blocked = not host
     tsum = class_sums(mask, labels, c, blocked)  # before the big buffer: its float64 copy of the mask is freed
     e = torch.empty((b, c, n), dtype=dtype, device=dev)
