@@ -47,24 +47,23 @@ def class_sums(
     """``out[b, c] = sum(values[b, n] for n with labels[b, n] == c)`` in float64, without a one-hot; ``values``
     None counts voxels. ``blocked`` None: blocked everywhere but on the host (``labels``' device).
 
-    CPU: one float64 ``bincount`` over ``b * C + label`` (it adds sequentially, so float32 would drift on large
-    volumes; labels are range-checked on the host before this), or a float64 scatter-add where ``values`` needs a
-    gradient or ``torch.compile`` traces (``bincount`` has neither). Accelerators (``blocked``): atomic adds onto
-    only C counters serialise, so each block of ``_BLOCK`` voxels gets its own float32 (float64 for float64 values)
-    histogram, and the (B, blocks, C) partial sums are added in float64.
+    CPU: a float64 scatter-add, which adds each sample's voxels in order (float32 would drift on large volumes;
+    1.1-10x faster than a weighted ``bincount`` here); voxel counts take an integer ``bincount`` over
+    ``b * C + label`` (labels are range-checked on the host before this) unless ``torch.compile`` traces.
+    Accelerators (``blocked``): atomic adds onto only C counters serialise, so each block of ``_BLOCK`` voxels gets
+    its own float32 (float64 for float64 values) histogram, and the (B, blocks, C) partial sums are added in
+    float64.
     """
     b, n = labels.shape
     if blocked is None:
         blocked = not _on_host(labels.device)
-    if not blocked and (torch.compiler.is_compiling() or (values is not None and values.requires_grad)):
+    if not blocked and values is None and not torch.compiler.is_compiling():
+        idx = labels if b == 1 else torch.add(labels, torch.arange(b, device=labels.device)[:, None], alpha=num_classes)
+        return torch.bincount(idx.reshape(-1), minlength=b * num_classes).view(b, num_classes).double()
+    if not blocked:
         ones = torch.ones(labels.shape, dtype=torch.float64, device=labels.device) if values is None else None
         out = torch.zeros(b, num_classes, dtype=torch.float64, device=labels.device)
         return out.scatter_add_(1, labels, ones if values is None else values.double())
-    if not blocked:
-        idx = labels if b == 1 else torch.add(labels, torch.arange(b, device=labels.device)[:, None], alpha=num_classes)
-        weights = None if values is None else values.double().reshape(-1)
-        counts = torch.bincount(idx.reshape(-1), weights, minlength=b * num_classes)
-        return counts.view(b, num_classes).double()
     if values is None:
         values = torch.ones(labels.shape, device=labels.device)
     blocks = -(-n // _BLOCK)
@@ -157,7 +156,7 @@ def _forward_chunks(
                 cw = mc if ce_weight is None else ce_weight[lab] if mc is None else ce_weight[lab] * mc
                 nll += (nlp if cw is None else nlp * cw).sum(dtype=torch.float64)
         qc = ec * ec if squared else ec
-        psum += qc.sum(-1) if wv is None else torch.bmm(qc, wv.transpose(1, 2)).squeeze(-1)
+        psum += qc.sum(-1) if wv is None else torch.bmm(wv, qc.transpose(1, 2)).squeeze(1)
         inter += class_sums((tp if mc is None else tp * mc).squeeze(1), lab.squeeze(1), c, blocked)
     return e, r, pt.squeeze(1), inter.to(dtype), psum.to(dtype), tsum.to(dtype), nll.to(dtype)
 
