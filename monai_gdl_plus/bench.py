@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from monai_gdl_plus.functional import check_option
+from monai_gdl_plus.memory import advise_huge_pages
 
 __all__ = [
     "DEVICES",
@@ -317,18 +318,28 @@ def measure_floor(device: str = "cpu", nbytes: int = 256 * 2**20, repeats: int =
     return {"bandwidth_gbs": 2 * n * 4 / t_copy / 1e9, "exp_ns": t_exp / n * 1e9}
 
 
-def measure_first_touch(nbytes: int, repeats: int = 5) -> float:
+def measure_first_touch(nbytes: int, repeats: int = 5, huge_pages: bool = False) -> float:
     """Milliseconds the CPU spends making ``nbytes`` of freshly allocated memory usable (page faults and zeroing,
     as the first write to a new tensor pays them): filling a new tensor minus filling a touched one, medians.
 
     Every implementation pays this at least once per step, for the gradient; on virtual machines it can exceed
     the arithmetic of a whole loss, and it varies with the host's memory state, so it is measured next to the
-    losses, per shape.
+    losses, per shape. ``huge_pages``: the new tensor gets :func:`~monai_gdl_plus.memory.advise_huge_pages` first,
+    as the fused loss's buffer does (NaN where that advice cannot be given).
     """
     n = max(1, nbytes // 4)
     warm = torch.empty(n)
+
+    def fresh() -> None:
+        t = torch.empty(n)
+        if huge_pages:
+            advise_huge_pages(t)
+        t.fill_(0.0)
+
+    if huge_pages and not advise_huge_pages(warm):
+        return math.nan
     t_warm = _median_time(lambda: warm.fill_(0.0), "cpu", repeats)
-    t_fresh = _median_time(lambda: torch.empty(n).fill_(0.0), "cpu", repeats)
+    t_fresh = _median_time(fresh, "cpu", repeats)
     return max(0.0, t_fresh - t_warm) * 1e3
 
 
@@ -488,6 +499,7 @@ def _bench_shape(shape, keys, status, rounds, warmup, threads, device, memory, s
     }
     x, y = _make_inputs(shape, device, seed)
     first_touch_ms = measure_first_touch(logits_bytes) if device == "cpu" else math.nan
+    huge_touch_ms = measure_first_touch(logits_bytes, huge_pages=True) if device == "cpu" else math.nan
     fns: dict[str, torch.nn.Module] = {}
     for k in keys:
         if status[k] != "ok":
@@ -553,6 +565,7 @@ def _bench_shape(shape, keys, status, rounds, warmup, threads, device, memory, s
         row["floor_ms"] = floor_ms
         row["exp_floor_ms"] = exp_floor_ms
         row["first_touch_ms"] = first_touch_ms
+        row["first_touch_huge_ms"] = huge_touch_ms
         row["time_vs_floor"] = _ratio(row["median_ms"], floor_ms)
         row["mem_vs_floor"] = row["peak_L"]
         spec = _SPECS[k]
@@ -638,7 +651,8 @@ def format_table(rows: Sequence[dict]) -> str:
             "Floors: time = reading the logits and writing their gradient once (2 L) at the copy bandwidth measured "
             f"here, {r0['bandwidth_gbs']:.1f} GB/s (t/floor = time / that); memory = 1.0 L, the gradient (xL is the "
             "distance from it). First touch = what making L bytes of new memory usable cost just before the shape "
-            "was timed (page faults); every implementation pays it at least once, for the gradient.",
+            "was timed (page faults); every implementation pays it at least once, for the gradient (ours asks for "
+            "huge pages for it on Linux: the figure in parentheses; MONAI_GDL_PLUS_HUGE_PAGES=0 turns that off).",
         )
         out.extend(textwrap.fill(note, width=110) for note in notes)
         busy: dict[str, float] = {}
@@ -657,7 +671,9 @@ def format_table(rows: Sequence[dict]) -> str:
             seen.append(r["shape"])
             exp = "" if not math.isfinite(r["exp_floor_ms"]) else f"; two exp per logit take {r['exp_floor_ms']:.2f} ms"
             touch = r.get("first_touch_ms", math.nan)
-            touch = "" if not math.isfinite(touch) else f"; first touch of L fresh bytes {touch:.1f} ms"
+            huge = r.get("first_touch_huge_ms", math.nan)
+            huge = "" if not math.isfinite(huge) else f" ({huge:.1f} ms on huge pages, as our fused buffer)"
+            touch = "" if not math.isfinite(touch) else f"; first touch of L fresh bytes {touch:.1f} ms{huge}"
             out.append(
                 f"  {r['shape']}: L = {r['logits_mb']:.1f} MB; time floor {r['floor_ms']:.2f} ms{exp}{touch}; "
                 f"memory floor {r['logits_mb']:.1f} MB"

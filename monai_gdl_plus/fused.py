@@ -13,8 +13,8 @@ overwrites it with the gradient, so forward+backward peaks near 1x the logits ab
 softmax, float one-hot and their product). Both passes go chunk by chunk over voxels, so that every other
 per-voxel quantity lives for one cache-sized chunk.
 
-Time on CPU: one ``exp`` per logit and about five passes over cache-resident chunks; what is left is mostly the
-kernel's first touch of the one fresh logits-sized buffer (the gradient-to-be), page by page.
+Time on CPU: one ``exp`` per logit and about five passes over cache-resident chunks, plus the kernel's first touch
+of the one fresh logits-sized buffer (the gradient-to-be), which is asked for huge pages (see ``memory.py``).
 
 A second backward through the same graph (``retain_graph=True``, ``gradcheck``) recomputes the activation from
 the saved logits; double backward (``create_graph=True``) is not supported (``once_differentiable``).
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from monai_gdl_plus.memory import advise_huge_pages
 
 __all__ = ["class_sums", "fused_label_terms"]
 
@@ -118,6 +120,7 @@ def _forward_chunks(
     blocked = not host
     tsum = class_sums(mask, labels, c, blocked)  # before the big buffer: its float64 copy of the mask is freed
     e = torch.empty((b, c, n), dtype=dtype, device=dev)
+    advise_huge_pages(e)  # before the first write: far fewer page faults (see memory.py)
     r = torch.empty((b, n), dtype=dtype, device=dev) if softmax else None
     pt = torch.empty((b, 1, n), dtype=dtype, device=dev)  # the true class's probability
     inter, psum = (torch.zeros((b, c), dtype=torch.float64, device=dev) for _ in range(2))

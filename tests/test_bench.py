@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_gdl_plus import bench
+from monai_gdl_plus import bench, memory
 
 TINY = (1, 3, 8, 8, 8)
 PAIRS = ["ours-dice", "ours-gdl", "ours-dicece", "monai-dice", "monai-gdl", "monai-dicece"]
@@ -225,9 +225,13 @@ def test_cli_bad_value_is_one_line_error(capsys):
     assert err == "gdl-plus bench: error: `rounds` must be >= 1, got 0."
 
 
-def test_measure_first_touch_is_a_nonnegative_time():
+def test_measure_first_touch_is_a_nonnegative_time(monkeypatch):
     ms = bench.measure_first_touch(8 * 2**20, repeats=2)
     assert math.isfinite(ms) and ms >= 0.0
+    huge = bench.measure_first_touch(8 * 2**20, repeats=2, huge_pages=True)
+    assert math.isnan(huge) or huge >= 0.0  # NaN: no huge pages to ask for here
+    monkeypatch.setenv(memory.HUGE_PAGES_ENV, "0")
+    assert math.isnan(bench.measure_first_touch(8 * 2**20, repeats=2, huge_pages=True))
 
 
 def test_measure_floor_is_positive():

@@ -127,15 +127,41 @@ def test_fused_function_gradcheck_with_mask_and_class_weights():
         assert torch.autograd.gradcheck(f, (x,))
 
 
-def test_class_sums_bincount_equals_the_differentiable_scatter():
-    """CPU sums without a gradient (``bincount``) equal the scatter-add used when ``values`` needs a gradient."""
+def test_class_sums_equal_a_one_hot_reference_on_every_route(monkeypatch):
+    """Sums of values (scatter-add, with or without a gradient), voxel counts (``bincount``, or the scatter while
+    ``torch.compile`` traces) and the accelerators' blocked sums all equal a dense one-hot sum."""
     g = torch.Generator().manual_seed(5)
-    labels = torch.randint(0, 6, (3, 1000), generator=g)
-    values = torch.rand(3, 1000, generator=g)
-    counted = fused.class_sums(values, labels, 6, blocked=False)
-    scattered = fused.class_sums(values.clone().requires_grad_(True), labels, 6, blocked=False)
-    assert scattered.requires_grad and counted.dtype == torch.float64
-    torch.testing.assert_close(counted, scattered.detach(), rtol=1e-12, atol=1e-12)
+    labels = torch.randint(0, 6, (3, 10000), generator=g)
+    values = torch.rand(3, 10000, generator=g)
+    onehot = torch.nn.functional.one_hot(labels, 6).double()  # (B, N, C)
+    expected = (values.double()[..., None] * onehot).sum(1)
+    plain = fused.class_sums(values, labels, 6)
+    graded = fused.class_sums(values.clone().requires_grad_(True), labels, 6)
+    blocked = fused.class_sums(values, labels, 6, blocked=True)
+    assert plain.dtype == torch.float64 and graded.requires_grad
+    for got in (plain, graded.detach()):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(blocked, expected, rtol=1e-6, atol=0)  # float32 partial sums of 4096 voxels
+    counts = fused.class_sums(None, labels, 6)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = fused.class_sums(None, labels, 6)
+    for got in (counts, traced, fused.class_sums(None, labels, 6, blocked=True)):
+        torch.testing.assert_close(got, onehot.sum(1), rtol=0, atol=0)
     # classes absent from a sample are zero, not cut off (minlength)
-    counts = fused.class_sums(torch.ones(2, 3), torch.tensor([[0, 0, 1], [0, 0, 0]]), 4, blocked=False)
+    counts = fused.class_sums(None, torch.tensor([[0, 0, 1], [0, 0, 0]]), 4)
     assert counts.tolist() == [[2.0, 1.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]]
+
+
+def test_the_activation_buffer_is_advised_onto_huge_pages_without_changing_results(monkeypatch):
+    """The logits-sized buffer gets the huge-page advice before its first write; values and gradients are
+    bit-identical with the advice turned off (``MONAI_GDL_PLUS_HUGE_PAGES=0``)."""
+    advised = []
+    real = fused.advise_huge_pages
+    monkeypatch.setattr(fused, "advise_huge_pages", lambda t: advised.append(t.shape) or real(t))
+    x, y = torch.randn(1, 4, 2**20), torch.randint(0, 4, (1, 1, 2**20))  # a 16 MiB buffer
+    loss = DicePlusLoss(to_onehot_y=True, softmax=True, lambda_ce=0.5)
+    on = _value_and_grad(loss, x, y, False, monkeypatch)
+    assert advised == [torch.Size([1, 4, 2**20])]
+    monkeypatch.setenv("MONAI_GDL_PLUS_HUGE_PAGES", "0")
+    off = _value_and_grad(loss, x, y, False, monkeypatch)
+    assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
