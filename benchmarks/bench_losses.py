@@ -10,8 +10,12 @@ Usage::
         LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python benchmarks/bench_losses.py --no-memory
 
 On a virtual machine the first touch of fresh memory (printed per shape) can cost more than a loss's arithmetic
-and varies with the host; MONAI pays it for 3-5 logits-sized tensors per step, we pay it for one (the gradient).
-The allocator line above shows the arithmetic alone.
+and varies with the host; MONAI pays it for 3-5 logits-sized tensors per step, we pay it for one (the gradient),
+which on Linux we ask to be on huge pages (about a tenth of the cost here). The allocator line above shows the
+arithmetic alone; two more views of the same question::
+
+    MONAI_GDL_PLUS_HUGE_PAGES=0 python benchmarks/bench_losses.py --no-memory   # ours in 4 KiB pages too
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_losses.py --no-memory        # every big tensor on huge pages
 
 Method and columns: see :mod:`monai_gdl_plus.bench` (one process for all timings, warm-ups, round-robin rounds,
 medians; peak extra memory from a fresh subprocess per case). nnU-Net v2 is compared when importable
