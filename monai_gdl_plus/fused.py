@@ -51,8 +51,8 @@ def class_sums(
 
     CPU: a float64 scatter-add, which adds each sample's voxels in order (float32 would drift on large volumes;
     1.1-10x faster than a weighted ``bincount`` here), into rows padded to whole cache lines; voxel counts take an
-    integer ``bincount`` over
-    ``b * C + label`` (labels are range-checked on the host before this) unless ``torch.compile`` traces.
+    integer ``bincount`` per sample (labels are range-checked on the host before this) unless ``torch.compile``
+    traces.
     Accelerators (``blocked``): atomic adds onto only C counters serialise, so each block of ``_BLOCK`` voxels gets
     its own float32 (float64 for float64 values) histogram, and the (B, blocks, C) partial sums are added in
     float64.
@@ -61,8 +61,7 @@ def class_sums(
     if blocked is None:
         blocked = not _on_host(labels.device)
     if not blocked and values is None and not torch.compiler.is_compiling():
-        idx = labels if b == 1 else torch.add(labels, torch.arange(b, device=labels.device)[:, None], alpha=num_classes)
-        return torch.bincount(idx.reshape(-1), minlength=b * num_classes).view(b, num_classes).double()
+        return torch.stack([torch.bincount(row, minlength=num_classes) for row in labels]).double()
     if not blocked:
         ones = torch.ones(labels.shape, dtype=torch.float64, device=labels.device) if values is None else None
         # each sample's row padded to whole 64-byte cache lines: threads adding into different samples' sums would
