@@ -269,20 +269,21 @@ def check_label_range(
     *,
     name: str = "target",
     validate: bool = False,
+    valid: torch.Tensor | None = None,
 ) -> None:
     """Every label in [0, num_classes) or equal to ``ignore_index``, without a host sync on an accelerator.
 
     CPU tensors (or ``validate=True``): a ValueError naming ``name`` and listing the offending values. CUDA: an
-    asynchronous device assertion. Skipped while ``torch.compile`` traces and on the meta device.
+    asynchronous device assertion. Skipped while ``torch.compile`` traces and on the meta device. ``valid``:
+    ``labels != ignore_index``, where the caller needs it anyway (computed here otherwise).
     """
-    if not _checks_enabled(labels):
+    if not _checks_enabled(labels) or labels.numel() == 0:
         return
-    valid = None if ignore_index is None else labels != ignore_index
-    if valid is None:  # one pass, no full-size temporaries
-        lo, hi = torch.aminmax(labels)
-        ok = (lo >= 0) & (hi < num_classes)
-    else:
-        ok = (((labels >= 0) & (labels < num_classes)) | ~valid).all()
+    if valid is None and ignore_index is not None:
+        valid = labels != ignore_index
+    # one min/max pass over the labels, ignored voxels counted as class 0
+    lo, hi = torch.aminmax(labels if valid is None else torch.where(valid, labels, 0))
+    ok = (lo >= 0) & (hi < num_classes)
     msg = f"`{name}` label values must lie in [0, {num_classes})" + (
         "" if ignore_index is None else f" or equal `ignore_index`={ignore_index}"
     )
@@ -302,10 +303,10 @@ def _label_map(
     t = target.reshape(target.shape[0], -1)
     check_integer_labels(t, "target", validate)
     t = t.long()
-    check_label_range(t, num_classes, ignore_index, name="target", validate=validate)
-    if ignore_index is None:
+    valid = None if ignore_index is None else t != ignore_index
+    check_label_range(t, num_classes, ignore_index, name="target", validate=validate, valid=valid)
+    if valid is None:
         return t, None
-    valid = t != ignore_index
     return torch.where(valid, t, torch.zeros_like(t)), valid.to(torch.float32)
 
 
@@ -554,9 +555,9 @@ def label_terms(
     b = pred_labels.shape[0]
     p = pred_labels.reshape(b, -1).long()
     t = target_labels.reshape(b, -1).long()
-    check_label_range(t, num_classes, ignore_index, name=names[1])
-    check_label_range(p, num_classes, name=names[0])  # an out-of-range prediction would land in a wrong bin
     valid = None if ignore_index is None else t != ignore_index
+    check_label_range(t, num_classes, ignore_index, name=names[1], valid=valid)
+    check_label_range(p, num_classes, name=names[0])  # an out-of-range prediction would land in a wrong bin
     # one confusion count per sample: bin (b, t, p); ignored voxels go to one extra bin at the end
     c = num_classes
     bins = b * c * c

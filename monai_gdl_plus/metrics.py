@@ -389,8 +389,8 @@ class PerClassDice(Metric):
         else:
             check_integer_labels(y, "y")
             labels = y.reshape(b, -1).long()
-            check_label_range(labels, c, ii, name="y")
             valid = None if ii is None else labels != ii
+            check_label_range(labels, c, ii, name="y", valid=valid)
             if valid is not None:
                 labels = torch.where(valid, labels, torch.zeros_like(labels))
                 mask = valid
