@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from monai.utils import look_up_option
 
-from monai_gdl_plus.fused import class_sums, fused_label_terms
+from monai_gdl_plus.fused import _on_host, autocast_off, class_sums, fused_label_terms
 
 __all__ = [
     "REDUCTIONS",
@@ -199,18 +199,23 @@ def _checks_enabled(x: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling()
 
 
+# devices with an asynchronous device-side assertion (the CPU one is reached in the tests' accelerator mode)
+_ASYNC_ASSERT_DEVICES = ("cuda", "cpu")
+
+
 def _value_check(ok: torch.Tensor, message: str, validate: bool) -> None:
     """Raise ``ValueError(message)`` unless ``ok`` (a 0-d bool tensor) holds, without a host sync off the CPU.
 
     CPU tensors are checked eagerly (no sync to speak of). On an accelerator the check is an asynchronous device
-    assertion unless ``validate=True``, which makes it a full (synchronising) check with the readable ValueError.
+    assertion (a RuntimeError with ``message`` at the next sync) unless ``validate=True``, which makes it a full
+    (synchronising) check with the readable ValueError.
     """
     if not _checks_enabled(ok):
         return
-    if ok.device.type == "cpu" or validate:
+    if _on_host(ok.device) or validate:
         if not bool(ok):
             raise ValueError(message)
-    elif ok.device.type == "cuda":
+    elif ok.device.type in _ASYNC_ASSERT_DEVICES:
         torch._assert_async(ok, message)
 
 
@@ -274,10 +279,12 @@ def check_label_range(
     """Every label in [0, num_classes) or equal to ``ignore_index``, without a host sync on an accelerator.
 
     CPU tensors (or ``validate=True``): a ValueError naming ``name`` and listing the offending values. CUDA: an
-    asynchronous device assertion. Skipped while ``torch.compile`` traces and on the meta device. ``valid``:
-    ``labels != ignore_index``, where the caller needs it anyway (computed here otherwise).
+    asynchronous device assertion. While ``torch.compile`` traces: a traced ``torch._assert_async`` (a RuntimeError
+    with the same message; an out-of-range label would otherwise be an out-of-bounds read in a generated kernel).
+    Skipped on the meta device. ``valid``: ``labels != ignore_index``, where the caller needs it anyway (computed
+    here otherwise).
     """
-    if not _checks_enabled(labels) or labels.numel() == 0:
+    if labels.device.type == "meta" or labels.numel() == 0:
         return
     if valid is None and ignore_index is not None:
         valid = labels != ignore_index
@@ -287,7 +294,9 @@ def check_label_range(
     msg = f"`{name}` label values must lie in [0, {num_classes})" + (
         "" if ignore_index is None else f" or equal `ignore_index`={ignore_index}"
     )
-    if labels.device.type == "cpu" or validate:
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, msg + ".")
+    elif _on_host(labels.device) or validate:
         if not bool(ok):
             bad = (labels < 0) | (labels >= num_classes)
             bad = bad if valid is None else bad & valid
@@ -355,7 +364,8 @@ def prepare(
         input, target, include_background=include_background, to_onehot_y=to_onehot_y, soft_label=soft_label,
         ignore_index=ignore_index, validate=validate,
     )  # fmt: skip
-    probs = activate(input, sigmoid, softmax, other_act).reshape(prep.probs.shape)
+    with autocast_off(input.device):
+        probs = activate(input, sigmoid, softmax, other_act).reshape(prep.probs.shape)
     return prep._replace(probs=probs)
 
 
@@ -510,6 +520,13 @@ def per_class_terms(
         probs (B, C, *S); target (B, C, *S) | (B, 1, *S) | (B, *S); output (B, C) each.
     """
     probs, target = plain_tensor(probs), plain_tensor(target)
+    with autocast_off(probs.device):
+        return _per_class_terms(probs, target, squared, mask, soft_label)
+
+
+def _per_class_terms(
+    probs: torch.Tensor, target: torch.Tensor, squared: bool, mask: torch.Tensor | None, soft_label: bool
+) -> DiceTerms:
     b, num_ch = probs.shape[:2]
     p = probs.float() if probs.dtype in _LOW_PRECISION else probs
     p = p.reshape(b, num_ch, -1)
@@ -567,7 +584,7 @@ def label_terms(
     if valid is not None:
         idx = torch.where(valid, idx, bins)
     idx = idx.reshape(-1)
-    if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+    if _on_host(idx.device) and not torch.compiler.is_compiling():
         counts = torch.bincount(idx, minlength=bins + 1)
     else:  # bincount sizes its output from the data (a host sync on GPUs); a fixed-size scatter does not
         counts = torch.zeros(bins + 1, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
@@ -783,7 +800,7 @@ def _loss_parts(
     """Kept-channel terms, true volumes, static Dice weights and the CE value (None without ``lambda_ce``).
 
     A label map with a softmax or sigmoid takes the fused one-hot-free path (:mod:`monai_gdl_plus.fused`, analytic
-    in-place backward); everything else, and any ``torch.compile`` trace, the plain autograd path.
+    in-place backward; a custom op under ``torch.compile``); everything else the plain autograd path.
     """
     x = plain_tensor(input)
     prep = _prepare_target(
@@ -799,7 +816,7 @@ def _loss_parts(
         warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
     want_ce = o["lambda_ce"] > 0
     ce = None
-    if prep.labels is not None and (softmax or o["sigmoid"]) and not torch.compiler.is_compiling():
+    if prep.labels is not None and (softmax or o["sigmoid"]):
         fuse_ce = want_ce and softmax and o["label_smoothing"] == 0
         acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 logits: weights and sums in float32
         ce_wx = None if ce_w is None else ce_w.to(device=x.device, dtype=acc)
@@ -891,7 +908,11 @@ def dice_plus_loss(
 
 
 def _dice_plus_loss(input: torch.Tensor, target: torch.Tensor, *, weight: torch.Tensor | None, **o) -> torch.Tensor:
-    terms, _, dice_w, ce = _loss_parts(input, target, weight, o)
+    with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to
+        return _dice_from_parts(*_loss_parts(input, target, weight, o), o)
+
+
+def _dice_from_parts(terms, _vol, dice_w, ce, o) -> torch.Tensor:
     if o["batch"]:
         terms = DiceTerms(*(t.sum(0) for t in terms))
     f = dice_from_terms(terms, o["smooth_nr"], o["smooth_dr"], o["jaccard"])
@@ -949,7 +970,11 @@ def generalized_dice_plus_loss(
 def _generalized_dice_plus_loss(
     input: torch.Tensor, target: torch.Tensor, *, weight: torch.Tensor | None, **o
 ) -> torch.Tensor:
-    terms, vol, dice_w, ce = _loss_parts(input, target, weight, o)
+    with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to
+        return _generalized_dice_from_parts(*_loss_parts(input, target, weight, o), o)
+
+
+def _generalized_dice_from_parts(terms, vol, dice_w, ce, o) -> torch.Tensor:
     if o["batch"]:
         terms, vol = DiceTerms(*(t.sum(0) for t in terms)), vol.sum(0)
     f = generalized_dice_from_terms(

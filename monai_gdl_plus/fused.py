@@ -18,16 +18,26 @@ of the one fresh logits-sized buffer (the gradient-to-be), which is asked for hu
 
 A second backward through the same graph (``retain_graph=True``, ``gradcheck``) recomputes the activation from
 the saved logits; double backward (``create_graph=True``) is not supported (``once_differentiable``).
+
+Autocast: everything here runs with autocast off (:func:`autocast_off`), so sums and ``bmm`` stay in float32 or
+float64 whatever autocast would cast them to (a float16 per-class soft volume overflows past 65504).
+
+``torch.compile``: the same kernels are registered as two custom ops (``monai_gdl_plus::label_terms`` and its
+backward, :func:`_label_terms_op`), opaque to the compiler, so a compiled loss keeps the one-hot-free path and its
+memory. A custom op may not overwrite a tensor that the compiler saved, so there the backward recomputes the
+activation from the logits into the buffer it returns as the gradient (one more ``exp`` per logit, same peak).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from monai_gdl_plus.memory import advise_huge_pages
 
-__all__ = ["class_sums", "fused_label_terms"]
+__all__ = ["autocast_off", "class_sums", "fused_label_terms"]
 
 # elements per chunk of temporaries: cache-sized on CPU; on accelerators large enough to keep kernels busy and
 # small enough (64 MiB in float32) that the temporaries stay far below the logits' size
@@ -36,6 +46,13 @@ _DEFAULT_CHUNK = 1 << 24
 
 
 _BLOCK = 4096  # voxels per partial histogram on accelerators
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled for ``device``'s type (a no-op context where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _on_host(device: torch.device) -> bool:
@@ -171,14 +188,15 @@ class _FusedLabelTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, labels, mask, ce_weight, softmax: bool, squared: bool, with_ce: bool):  # noqa: D102
         dtype = torch.promote_types(x.dtype, torch.float32)
-        e, r, pt, inter, psum, tsum, nll = _forward_chunks(
-            x, labels, mask, ce_weight, softmax, squared, dtype, with_ce
-        )
+        with autocast_off(x.device):
+            e, r, pt, inter, psum, tsum, nll = _forward_chunks(
+                x, labels, mask, ce_weight, softmax, squared, dtype, with_ce
+            )
         ctx.save_for_backward(x, labels, mask, ce_weight)
         # kept off save_for_backward: the backward overwrites them (``e`` becomes the gradient, which autograd can
         # then take without a copy; ``p_t`` the per-voxel true-class term) and drops them
         ctx.buffers = (e, r, pt)
-        ctx.flags = (softmax, squared, with_ce, dtype)
+        ctx.flags = (softmax, squared, with_ce)
         ctx.mark_non_differentiable(tsum)
         return inter, psum, tsum, nll
 
@@ -186,14 +204,79 @@ class _FusedLabelTerms(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_inter, g_psum, _g_tsum, g_nll):  # noqa: D102
         x, labels, mask, ce_weight = ctx.saved_tensors
-        softmax, squared, with_ce, dtype = ctx.flags
         buffers, ctx.buffers = ctx.buffers, None
-        if buffers is None:  # a second backward: the first one turned the saved buffers into its gradient
-            buffers = _forward_chunks(x, labels, mask, None, softmax, False, dtype, False)[:3]  # same shifts
-        e, r, pt = buffers
+        # None: a second backward; the first one turned the saved buffers into its gradient
+        grad = _gradient(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, *ctx.flags, buffers=buffers)
+        return grad, None, None, None, None, None, None
+
+
+def _gradient(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, softmax, squared, with_ce, buffers=None):
+    """dL/dx in ``x``'s dtype, written over ``buffers`` (``e, r, p_t`` of the forward) or, without them, over the
+    activation recomputed from ``x`` (the same shifts as the forward: they depend on ``x`` only)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with autocast_off(x.device):
+        if buffers is None:
+            buffers = _forward_chunks(x, labels, mask, None, softmax, False, dtype, False)[:3]
         g_nll = g_nll if softmax and with_ce else None
-        grad = _backward_in_place(e, r, pt, labels, mask, ce_weight, g_inter, g_psum, g_nll, squared)
-        return grad.to(x.dtype), None, None, None, None, None, None
+        grad = _backward_in_place(*buffers, labels, mask, ce_weight, g_inter, g_psum, g_nll, squared)
+        return grad.to(x.dtype)
+
+
+# the compile-time twin of _FusedLabelTerms: functional custom ops (outputs fresh, inputs untouched)
+_OP_ARGS = "Tensor x, Tensor labels, Tensor? mask, Tensor? ce_weight"
+_OP_FLAGS = "bool softmax, bool squared, bool with_ce"
+
+
+@torch.library.custom_op(
+    "monai_gdl_plus::label_terms", mutates_args=(), schema=f"({_OP_ARGS}, {_OP_FLAGS}) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+def _label_terms_op(x, labels, mask, ce_weight, softmax, squared, with_ce):
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with autocast_off(x.device):
+        out = _forward_chunks(x, labels, mask, ce_weight, softmax, squared, dtype, with_ce)
+    return out[3:]  # the logits-sized activation is dropped here and recomputed by the backward
+
+
+@_label_terms_op.register_fake
+def _(x, labels, mask, ce_weight, softmax, squared, with_ce):
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    b, c = x.shape[:2]
+    return (*(x.new_empty((b, c), dtype=dtype) for _ in range(3)), x.new_empty((), dtype=dtype))
+
+
+@torch.library.custom_op(
+    "monai_gdl_plus::label_terms_backward",
+    mutates_args=(),
+    schema=f"({_OP_ARGS}, Tensor g_inter, Tensor g_psum, Tensor g_nll, {_OP_FLAGS}) -> Tensor",
+)
+def _label_terms_backward_op(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, softmax, squared, with_ce):
+    return _gradient(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, softmax, squared, with_ce)
+
+
+@_label_terms_backward_op.register_fake
+def _(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, softmax, squared, with_ce):
+    return torch.empty_like(x)
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, labels, mask, ce_weight, softmax, squared, with_ce = inputs
+    ctx.save_for_backward(x, labels, mask, ce_weight)
+    ctx.flags = (softmax, squared, with_ce)
+    ctx.mark_non_differentiable(output[2])
+
+
+def _op_backward(ctx, g_inter, g_psum, _g_tsum, g_nll):
+    x, labels, mask, ce_weight = ctx.saved_tensors
+    b, c = x.shape[:2]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    g_inter = x.new_zeros((b, c), dtype=dtype) if g_inter is None else g_inter
+    g_psum = x.new_zeros((b, c), dtype=dtype) if g_psum is None else g_psum
+    g_nll = x.new_zeros((), dtype=dtype) if g_nll is None else g_nll
+    grad = _label_terms_backward_op(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, *ctx.flags)
+    return grad, None, None, None, None, None, None
+
+
+_label_terms_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _zeros_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -274,4 +357,6 @@ def fused_label_terms(
     """
     if with_ce and not softmax:
         raise ValueError("`with_ce=True` needs `softmax=True` in fused_label_terms.")
+    if torch.compiler.is_compiling():
+        return _label_terms_op(x, labels, mask, ce_weight, softmax, squared, with_ce)
     return _FusedLabelTerms.apply(x, labels, mask, ce_weight, softmax, squared, with_ce)

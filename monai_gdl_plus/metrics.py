@@ -27,6 +27,7 @@ from monai_gdl_plus.functional import (
     per_class_terms,
     plain_tensor,
 )
+from monai_gdl_plus.fused import autocast_off
 
 __all__ = ["PerClassDice", "ACTIVATIONS", "AGGREGATIONS"]
 
@@ -334,11 +335,12 @@ class PerClassDice(Metric):
     def _update_batch(self, y_pred: torch.Tensor, y: torch.Tensor) -> None:
         y_pred, y = plain_tensor(y_pred.detach()), plain_tensor(y.detach())
         pred_kind, true_kind = self._layout(y_pred, y)
-        if self.activation == "sigmoid":
-            tp, psum, tsum = self._sigmoid_counts(y_pred, y, true_kind)
-        else:
-            tp, psum, tsum = self._label_counts(y_pred, y, pred_kind, true_kind)
-        self._accumulate(tp, psum, tsum)
+        with autocast_off(y_pred.device):  # an evaluator under AMP: counts stay exact
+            if self.activation == "sigmoid":
+                tp, psum, tsum = self._sigmoid_counts(y_pred, y, true_kind)
+            else:
+                tp, psum, tsum = self._label_counts(y_pred, y, pred_kind, true_kind)
+            self._accumulate(tp, psum, tsum)
 
     def _target_labels(self, y: torch.Tensor, kind: str) -> torch.Tensor:
         """Integer target labels (B, N); a one-hot target is reduced by argmax, its ignored voxels relabelled."""
