@@ -106,7 +106,14 @@ def _softmax_dim1(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, 1)
 
 
-def _make_loss(key: str) -> torch.nn.Module:
+def _make_loss(key: str, compiled: bool = False) -> torch.nn.Module:
+    """One implementation, ``torch.compile``d (default inductor backend) with ``compiled``; ours with
+    ``fullgraph=True``, the peers as they compile."""
+    fn = _build_loss(key)
+    return torch.compile(fn, fullgraph=_SPECS[key].owner == "ours") if compiled else fn  # type: ignore[return-value]
+
+
+def _build_loss(key: str) -> torch.nn.Module:
     """Build one implementation, configured for softmax over logits with an integer label-map target.
 
     Raises:
@@ -147,7 +154,7 @@ def _make_loss(key: str) -> torch.nn.Module:
 def _availability(key: str) -> str:
     """``"ok"`` or why the implementation cannot be built."""
     try:
-        _make_loss(key)
+        _build_loss(key)
     except _Unavailable as e:
         return str(e)
     except Exception as e:
@@ -362,10 +369,11 @@ def _read_status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def _memory_child(key: str, shape: tuple[int, ...], threads: int, seed: int) -> dict:
-    """Runs in the fresh subprocess: peak extra RSS of one forward+backward step."""
+def _memory_child(key: str, shape: tuple[int, ...], threads: int, seed: int, compiled: bool = False) -> dict:
+    """Runs in the fresh subprocess: peak extra RSS of one forward+backward step (after a warm-up step, which
+    also compiles with ``compiled``)."""
     torch.set_num_threads(threads)
-    loss_fn = _make_loss(key)
+    loss_fn = _make_loss(key, compiled)
     x, y = _make_inputs(shape, "cpu", seed)
     _step(loss_fn, x, y)  # warm-up: lazy initialisations stay in the baseline; its big blocks went back to the OS
     x.grad = None
@@ -384,7 +392,7 @@ def _memory_child(key: str, shape: tuple[int, ...], threads: int, seed: int) -> 
     }
 
 
-def _peak_cpu_subprocess(key: str, shape: tuple[int, ...], threads: int, seed: int) -> int:
+def _peak_cpu_subprocess(key: str, shape: tuple[int, ...], threads: int, seed: int, compiled: bool = False) -> int:
     """Spawn ``python -m monai_gdl_plus.bench --_memory-case`` with the malloc setting; return peak extra bytes."""
     env = dict(os.environ, **MALLOC_ENV)
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -392,7 +400,7 @@ def _peak_cpu_subprocess(key: str, shape: tuple[int, ...], threads: int, seed: i
     cmd = [
         sys.executable, "-m", "monai_gdl_plus.bench", "--_memory-case", key,
         "--shape", ",".join(map(str, shape)), "--threads", str(threads), "--seed", str(seed),
-    ]  # fmt: skip
+    ] + (["--compile"] if compiled else [])  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_CHILD_TIMEOUT_S)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
@@ -419,6 +427,7 @@ def benchmark(
     losses: Iterable[str] | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    compile: bool = False,
 ) -> list[dict]:
     """Time forward+backward (and measure peak extra memory) of each loss at each shape, side by side.
 
@@ -433,6 +442,8 @@ def benchmark(
             default all.
         seed: seed of the random logits and labels.
         log: called with a progress line now and then (e.g. ``print`` to stderr); None for silence.
+        compile: ``torch.compile`` every implementation (inductor; ours with ``fullgraph=True``); compilation
+            happens in the warm-up calls (at least one).
 
     Returns:
         One dict per (loss, shape), ordered by shape then loss, with keys ``loss``, ``label``, ``family``,
@@ -462,6 +473,7 @@ def benchmark(
         raise ValueError("`device` is 'cuda' but torch.cuda.is_available() is False here.")
     keys = _resolve_losses(losses)
     say = log or (lambda _msg: None)
+    warmup = max(warmup, 1) if compile else warmup
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -478,18 +490,23 @@ def benchmark(
         status = {k: _availability(k) for k in keys}
         rows: list[dict] = []
         for shape in shape_list:
-            rows.extend(_bench_shape(shape, keys, status, rounds, warmup, threads, device, memory, seed, floor, say))
+            rows.extend(
+                _bench_shape(shape, keys, status, rounds, warmup, threads, device, memory, seed, floor, say, compile)
+            )
     finally:
         torch.set_num_threads(old_threads)
     return rows
 
 
-def _bench_shape(shape, keys, status, rounds, warmup, threads, device, memory, seed, floor, say) -> list[dict]:
+def _bench_shape(
+    shape, keys, status, rounds, warmup, threads, device, memory, seed, floor, say, compiled=False
+) -> list[dict]:
     logits_bytes = math.prod(shape) * 4
     shape_txt = "x".join(map(str, shape))
+    tag = " [compiled]" if compiled else ""
     rows = {
         k: {
-            "loss": k, "label": _SPECS[k].label, "family": _SPECS[k].family, "owner": _SPECS[k].owner,
+            "loss": k, "label": _SPECS[k].label + tag, "family": _SPECS[k].family, "owner": _SPECS[k].owner,
             "shape": shape_txt, "device": device, "threads": threads, "status": status[k],
             "logits_mb": logits_bytes / MB, "median_ms": math.nan, "min_ms": math.nan, "retried": 0,
             "wait_pct": math.nan,
@@ -505,7 +522,7 @@ def _bench_shape(shape, keys, status, rounds, warmup, threads, device, memory, s
         if status[k] != "ok":
             continue
         try:
-            fn = _make_loss(k).to(device)
+            fn = _make_loss(k, compiled).to(device)
             for _ in range(warmup):
                 _step(fn, x, y)
             fns[k] = fn
@@ -552,7 +569,7 @@ def _bench_shape(shape, keys, status, rounds, warmup, threads, device, memory, s
                 continue
             say(f"memory {shape_txt}: {k} (fresh subprocess)")
             try:
-                rows[k]["peak_mb"] = _peak_cpu_subprocess(k, shape, threads, seed) / MB
+                rows[k]["peak_mb"] = _peak_cpu_subprocess(k, shape, threads, seed, compiled) / MB
             except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
                 rows[k]["memory_status"] = _error(e)
     floor_ms = 2 * logits_bytes / (floor["bandwidth_gbs"] * 1e9) * 1e3
@@ -735,6 +752,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help=f"subset (comma or space separated) of {', '.join(LOSSES)}, or ours / monai / nnunet / all",
     )  # fmt: skip
     parser.add_argument("--csv", metavar="PATH", help="also save the rows as CSV")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile every implementation (inductor; compiled in the warm-up)"
+    )
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -753,7 +773,7 @@ def run(args: argparse.Namespace) -> int:
         rows = benchmark(
             shapes, rounds=args.rounds, warmup=args.warmup, threads=args.threads, device=args.device,
             memory=args.memory, losses=args.losses, seed=getattr(args, "seed", 0),
-            log=lambda m: print(m, file=sys.stderr, flush=True),
+            log=lambda m: print(m, file=sys.stderr, flush=True), compile=getattr(args, "compile", False),
         )  # fmt: skip
     except (ValueError, TypeError) as e:
         print(f"gdl-plus bench: error: {e}", file=sys.stderr)
@@ -778,8 +798,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         child.add_argument("--shape", type=_shape_arg, required=True)
         child.add_argument("--threads", type=int, default=2)
         child.add_argument("--seed", type=int, default=0)
+        child.add_argument("--compile", action="store_true")
         a = child.parse_args(argv)
-        print(json.dumps(_memory_child(a.key, a.shape, a.threads, a.seed)))
+        print(json.dumps(_memory_child(a.key, a.shape, a.threads, a.seed, a.compile)))
         return 0
     parser = argparse.ArgumentParser(prog="python -m monai_gdl_plus.bench", description=__doc__.split("\n")[0])
     configure_parser(parser)

@@ -314,9 +314,13 @@ def _label_map(
     t = t.long()
     valid = None if ignore_index is None else t != ignore_index
     check_label_range(t, num_classes, ignore_index, name="target", validate=validate, valid=valid)
-    if valid is None:
-        return t, None
-    return torch.where(valid, t, torch.zeros_like(t)), valid.to(torch.float32)
+    if valid is not None:
+        t = torch.where(valid, t, torch.zeros_like(t))
+    if torch.compiler.is_compiling():
+        # the traced range check may raise only after the kernels indexing with these labels ran: keep their reads in
+        # bounds (fused into the index computation; an out-of-bounds read in a generated CPU kernel aborts)
+        t = t.clamp(0, num_classes - 1)
+    return t, None if valid is None else valid.to(torch.float32)
 
 
 def dense_ignore_mask(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor | None:
@@ -449,7 +453,8 @@ def _label_terms_soft(
     inter = class_sums(true_p, labels, num_ch).to(probs.dtype)
     tsum = class_sums(mask, labels, num_ch).to(probs.dtype)  # mask None: voxel counts
     q = probs * probs if squared else probs
-    psum = q.sum(-1) if mask is None else torch.einsum("bcn,bn->bc", q, mask)
+    # element-wise, not einsum: a matmul's backward would run in float16 where backward is called under autocast
+    psum = q.sum(-1) if mask is None else (q * mask[:, None]).sum(-1)
     return inter, psum, tsum
 
 
@@ -744,14 +749,32 @@ def cross_entropy_term(
     if sigmoid or num_ch == 1:
         return _bce_term(x, prep, w, reduction)
     if prep.labels is not None:
-        labels = prep.labels if prep.mask is None else torch.where(prep.mask > 0, prep.labels, -100)
-        ce = F.cross_entropy(x, labels, weight=w, ignore_index=-100, label_smoothing=label_smoothing, reduction="sum")
+        ce = _label_map_ce(x, prep.labels, prep.mask, w, label_smoothing).sum()
         return ce if reduction == "sum" else ce / _ce_count(prep, w)
     target = _dense(prep)
     if prep.mask is None:
         return F.cross_entropy(x, target, weight=w, label_smoothing=label_smoothing, reduction=reduction)
     ce = F.cross_entropy(x, target, weight=w, label_smoothing=label_smoothing, reduction="none") * prep.mask
     return ce.sum() if reduction == "sum" else ce.sum() / prep.mask.sum().clamp_min(1.0)
+
+
+def _label_map_ce(
+    x: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, w: torch.Tensor | None, label_smoothing: float
+) -> torch.Tensor:
+    """Per-voxel softmax cross entropy (B, N) of logits (B, C, N) against labels (B, N), as
+    ``F.cross_entropy(..., reduction="none")`` with ``weight`` and ``label_smoothing``, masked.
+
+    Written as a log-softmax gather rather than ``F.cross_entropy``: its ``nll_loss`` has no deterministic CUDA
+    kernel, so ``torch.use_deterministic_algorithms(True)`` would make it raise there.
+    """
+    logp = torch.log_softmax(x, 1)
+    nll = logp.gather(1, labels[:, None]).squeeze(1).neg()
+    if w is not None:
+        nll = nll * w[labels]
+    if label_smoothing > 0:
+        smooth = (logp if w is None else logp * w[:, None]).sum(1).neg()
+        nll = (1.0 - label_smoothing) * nll + (label_smoothing / x.shape[1]) * smooth
+    return nll if mask is None else nll * mask
 
 
 def _ce_count(prep: Prepared, weight: torch.Tensor | None) -> torch.Tensor | int:

@@ -228,7 +228,9 @@ _OP_FLAGS = "bool softmax, bool squared, bool with_ce"
 
 
 @torch.library.custom_op(
-    "monai_gdl_plus::label_terms", mutates_args=(), schema=f"({_OP_ARGS}, {_OP_FLAGS}) -> (Tensor, Tensor, Tensor, Tensor)"
+    "monai_gdl_plus::label_terms",
+    mutates_args=(),
+    schema=f"({_OP_ARGS}, {_OP_FLAGS}) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 def _label_terms_op(x, labels, mask, ce_weight, softmax, squared, with_ce):
     dtype = torch.promote_types(x.dtype, torch.float32)

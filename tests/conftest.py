@@ -66,3 +66,31 @@ def parity_record():
             print(f"  {fam:<28} {n:5d}  {record.value[fam]:.3e}  {record.grad[fam]:.3e}")
         total = sum(record.cases.values())
         print(f"  {'all':<28} {total:5d}  {max(record.value.values()):.3e}  {max(record.grad.values()):.3e}")
+
+
+class AutocastRecord:
+    """Largest deviation per family and quantity under autocast (see test_losses.py, section 1b)."""
+
+    def __init__(self) -> None:
+        self.cases: dict[str, int] = {}
+        self.worst: dict[str, dict[str, float]] = {}
+
+    def add(self, family: str, deviations: dict[str, float]) -> None:
+        self.cases[family] = self.cases.get(family, 0) + 1
+        worst = self.worst.setdefault(family, {})
+        for k, v in deviations.items():
+            worst[k] = max(worst.get(k, 0.0), v)
+
+
+@pytest.fixture(scope="session")
+def autocast_record():
+    """Collects deviations under autocast; prints a table at the end of the session (visible with ``-s``)."""
+    record = AutocastRecord()
+    yield record
+    if record.cases:
+        keys = list(next(iter(record.worst.values())))
+        print("\nUnder CPU autocast (max |value diff|; gradient: max |diff| / max |grad|):")
+        print("| family | cases | " + " | ".join(keys) + " |")
+        print("|---|---:|" + "---:|" * len(keys))
+        for fam, n in record.cases.items():
+            print(f"| {fam} | {n} | " + " | ".join(f"{record.worst[fam][k]:.1e}" for k in keys) + " |")

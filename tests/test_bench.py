@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_gdl_plus import bench, memory
+from monai_gdl_plus import bench, fused, memory
 
 TINY = (1, 3, 8, 8, 8)
 PAIRS = ["ours-dice", "ours-gdl", "ours-dicece", "monai-dice", "monai-gdl", "monai-dicece"]
@@ -120,7 +120,7 @@ def test_failing_loss_is_reported_and_others_still_measured(monkeypatch):
         def forward(self, x, y):
             raise RuntimeError("boom")
 
-    def make(key):
+    def make(key, compiled=False):
         return Broken() if key == "ours-gdl" else real(key)
 
     monkeypatch.setattr(bench, "_make_loss", make)
@@ -132,7 +132,7 @@ def test_failing_loss_is_reported_and_others_still_measured(monkeypatch):
 
 
 def test_failed_memory_child_keeps_the_time(monkeypatch, capsys):
-    def fail(key, shape, threads, seed):
+    def fail(key, shape, threads, seed, compiled=False):
         raise RuntimeError(f"memory subprocess for {key} failed (exit 1): boom")
 
     monkeypatch.setattr(bench, "_peak_cpu_subprocess", fail)
@@ -225,13 +225,46 @@ def test_cli_bad_value_is_one_line_error(capsys):
     assert err == "gdl-plus bench: error: `rounds` must be >= 1, got 0."
 
 
-def test_measure_first_touch_is_a_nonnegative_time(monkeypatch):
-    ms = bench.measure_first_touch(8 * 2**20, repeats=2)
-    assert math.isfinite(ms) and ms >= 0.0
-    huge = bench.measure_first_touch(8 * 2**20, repeats=2, huge_pages=True)
-    assert math.isnan(huge) or huge >= 0.0  # NaN: no huge pages to ask for here
+def test_measure_first_touch_is_fresh_minus_warm_fill_time(monkeypatch):
+    """With the timer replaced, the figure is (fresh fill - warm fill) in ms: the fill that needed a new tensor is
+    the fresh one, whatever the order; a warm fill slower than a fresh one gives 0, not a negative time."""
+    n = 8 * 2**20
+    allocated = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        allocated.append(t)
+        return t
+
+    def fake_median(fn, device, repeats):  # fn allocating a new tensor = the fresh fill
+        assert (device, repeats) == ("cpu", 3)
+        before = len(allocated)
+        fn()
+        return fresh_s if len(allocated) > before else warm_s
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(bench, "_median_time", fake_median)
+    advised = []
+    monkeypatch.setattr(bench, "advise_huge_pages", lambda t: advised.append(t) or True)
+    fresh_s, warm_s = 0.0075, 0.0025
+    assert bench.measure_first_touch(n, repeats=3) == pytest.approx(5.0)
+    assert advised == [] and all(t.numel() == n // 4 for t in allocated)
+    # huge pages: the advice goes to the warm tensor (to learn whether it can be given) and to every fresh one
+    allocated.clear()
+    assert bench.measure_first_touch(n, repeats=3, huge_pages=True) == pytest.approx(5.0)
+    assert len(advised) == len(allocated) == 2 and all(a is t for a, t in zip(advised, allocated))
+    fresh_s, warm_s = 0.001, 0.004
+    assert bench.measure_first_touch(n, repeats=3) == 0.0
+    # no advice possible (not Linux, THP off, or turned off): NaN, not a figure without huge pages
+    monkeypatch.setattr(bench, "advise_huge_pages", lambda t: False)
+    assert math.isnan(bench.measure_first_touch(n, repeats=3, huge_pages=True))
+
+
+def test_measure_first_touch_with_huge_pages_turned_off_is_nan(monkeypatch):
     monkeypatch.setenv(memory.HUGE_PAGES_ENV, "0")
     assert math.isnan(bench.measure_first_touch(8 * 2**20, repeats=2, huge_pages=True))
+    assert math.isfinite(bench.measure_first_touch(8 * 2**20, repeats=2))
 
 
 def test_measure_floor_is_positive():
@@ -250,6 +283,85 @@ def test_cuda_rows_hold_time_and_memory():
         assert r["peak_mb"] > 0 and r["peak_L"] >= 1.0  # x.grad is allocated inside the measured step
         assert math.isfinite(r["time_vs_monai"]) and math.isfinite(r["mem_vs_monai"])
         assert math.isnan(r["exp_floor_ms"])
+
+
+def test_accelerator_code_paths_give_ok_rows_on_cpu(monkeypatch):
+    """The CPU counterpart of the CUDA rows: with ``fused._HOST_DEVICES`` empty our losses run what they run on an
+    accelerator (blocked class sums, always-shifted softmax, asynchronous checks); every row is measured, and our
+    losses still agree with MONAI's (the harness would time a wrong loss as readily as a right one)."""
+    monkeypatch.setattr(bench, "measure_floor", lambda device, nbytes: {"bandwidth_gbs": 10.0, "exp_ns": 1.0})
+    monkeypatch.setattr(bench, "_FLOOR_CACHE", {})
+    monkeypatch.setattr(fused, "_HOST_DEVICES", set())
+    shape = (2, 3, 16, 16, 20)  # 5120 voxels per sample: two blocks of class sums, the last one ragged
+    assert math.prod(shape[2:]) > fused._BLOCK
+    rows = bench.benchmark([shape], rounds=1, warmup=1, memory=False, losses=PAIRS)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0
+        assert math.isfinite(r["time_vs_monai"])
+    x, y = bench._make_inputs(shape, "cpu", 0)
+    for fam in ("dice", "dicece"):  # (GDL departs from MONAI's by design: normalised weights, the empty rule)
+        ours, monai = bench._make_loss("ours-" + fam)(x, y), bench._make_loss("monai-" + fam)(x, y)
+        torch.testing.assert_close(ours, monai, rtol=1e-5, atol=1e-6)
+
+
+class _FakeCuda:
+    """Stands in for ``torch.cuda`` in the harness's CUDA helpers: a clock that only the loss advances, and an
+    allocator whose peak the loss raises."""
+
+    def __init__(self, step_ms: float, step_bytes: int, base_bytes: int) -> None:
+        self.clock_ms, self.step_ms, self.step_bytes = 0.0, step_ms, step_bytes
+        self.allocated = self.peak = base_bytes
+        self.synced = 0
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing: bool = False) -> None:
+                assert enable_timing
+                self.t = None
+
+            def record(self) -> None:
+                self.t = fake.clock_ms
+
+            def synchronize(self) -> None:
+                fake.synced += 1
+
+            def elapsed_time(self, end) -> float:
+                return end.t - self.t
+
+        self.Event = Event
+
+    def synchronize(self) -> None:
+        self.synced += 1
+
+    def memory_allocated(self) -> int:
+        return self.allocated
+
+    def max_memory_allocated(self) -> int:
+        return self.peak
+
+    def reset_peak_memory_stats(self) -> None:
+        self.peak = self.allocated
+
+    def loss(self, x, y):
+        """A loss step on the fake device: takes ``step_ms`` and peaks ``step_bytes`` above what was allocated."""
+        self.clock_ms += self.step_ms
+        self.peak = max(self.peak, self.allocated + self.step_bytes)
+        return (x * 0).sum()
+
+
+def test_cuda_timing_and_peak_helpers_with_a_fake_device(monkeypatch):
+    """What ``device="cuda"`` rows are made of, on CPU: the event time of exactly one step (no retries, no wait
+    figure) and the peak allocated above the memory in use before the step."""
+    fake = _FakeCuda(step_ms=12.5, step_bytes=3 * 2**20, base_bytes=5 * 2**20)
+    for name in ("Event", "synchronize", "memory_allocated", "max_memory_allocated", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    x, y = bench._make_inputs(TINY, "cpu", 0)
+    ms, retried, wait = bench._time_step(fake.loss, x, y, "cuda")
+    assert (ms, retried) == (12.5, 0) and math.isnan(wait)
+    assert fake.synced >= 2  # before the start event and on the end event
+    fake.peak = 10 * 2**30  # a high-water mark left by an earlier step must not count
+    assert bench._peak_cuda(fake.loss, x, y) == 3 * 2**20
 
 
 def _rows_for_targets(ours_ms: float, ours_mb: float) -> list[dict]:
