@@ -1,7 +1,8 @@
-"""Tests of :mod:`monai_gdl_plus.functional` against ``tests/reference.py``; the Modules equal the functions."""
+"""Tests of :mod:`monai_gdl_plus.functional` against ``tests/reference.py`` and closed forms; Modules included."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -124,18 +125,62 @@ def test_label_terms_errors():
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _dice_loss_of(p, g, smooth=(0.0, 0.0), jaccard=False):
+    """dice_from_terms of the terms of one class: prediction ``p`` and target ``g`` as flat lists, shape (1, 1)."""
+    probs = torch.tensor(p, dtype=torch.float64).reshape(1, 1, -1)
+    target = torch.tensor(g, dtype=torch.float64).reshape(1, 1, -1)
+    return GF.dice_from_terms(GF.per_class_terms(probs, target), *smooth, jaccard=jaccard)
+
+
+def _binary_masks(seed, n=64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, generator=g) < 0.4).tolist(), (torch.rand(n, generator=g) < 0.5).tolist()
+
+
 @pytest.mark.parametrize("jaccard", [False, True])
-@pytest.mark.parametrize("smooth", [(1e-5, 1e-5), (0.0, 1e-6), (1.0, 1.0)])
-def test_dice_from_terms_formula(jaccard, smooth):
-    g = torch.Generator().manual_seed(1)
-    inter = torch.rand(3, 4, generator=g, dtype=torch.float64) * 10
-    terms = GF.DiceTerms(inter, inter + torch.rand(3, 4, generator=g, dtype=torch.float64) * 5, inter + 2.0)
-    f = GF.dice_from_terms(terms, *smooth, jaccard=jaccard)
-    assert f.shape == (3, 4)
-    for i, k in itertools.product(range(3), range(4)):
-        ii, pp, gg = (float(t[i, k]) for t in terms)
-        den = 2 * (pp + gg - ii) if jaccard else pp + gg
-        assert float(f[i, k]) == pytest.approx(1 - (2 * ii + smooth[0]) / (den + smooth[1]), rel=1e-12)
+def test_dice_from_terms_closed_forms(jaccard):
+    """Values known without the formula under test: perfect overlap 0, disjoint 1, half overlap, set sizes."""
+    assert float(_dice_loss_of([1, 1, 0, 1], [1, 1, 0, 1], jaccard=jaccard)) == 0.0
+    assert float(_dice_loss_of([1, 1, 0, 0], [0, 0, 1, 1], jaccard=jaccard)) == 1.0
+    # A = {0, 1}, B = {1, 2}: Dice = 2|A & B| / (|A| + |B|) = 1/2, IoU = |A & B| / |A | B| = 1/3
+    half = float(_dice_loss_of([1, 1, 0, 0], [0, 1, 1, 0], jaccard=jaccard))
+    assert half == pytest.approx(1 - 1 / 3 if jaccard else 1 - 1 / 2, rel=1e-15)
+    for seed in range(5):  # random binary masks: Dice and IoU from Python sets
+        pm, gm = _binary_masks(seed)
+        a = {i for i, v in enumerate(pm) if v}
+        b = {i for i, v in enumerate(gm) if v}
+        score = len(a & b) / len(a | b) if jaccard else 2 * len(a & b) / (len(a) + len(b))
+        assert float(_dice_loss_of(pm, gm, jaccard=jaccard)) == pytest.approx(1 - score, rel=1e-12)
+
+
+def test_dice_from_terms_soft_worked_example_and_jaccard_identity():
+    """p = [0.7, 0], g = [1, 1]: soft Dice score 2 * 0.7 / (0.7 + 2); the Jaccard score is D / (2 - D)."""
+    dice = 1 - float(_dice_loss_of([0.7, 0.0], [1.0, 1.0]))
+    assert dice == pytest.approx(2 * 0.7 / (0.7 + 2), rel=1e-15)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(10):  # soft predictions against binary targets, and soft against soft
+        p = torch.rand(50, generator=g, dtype=torch.float64)
+        t = (torch.rand(50, generator=g, dtype=torch.float64) < 0.5).double()
+        for target in (t, torch.rand(50, generator=g, dtype=torch.float64)):
+            d = 1 - float(_dice_loss_of(p.tolist(), target.tolist()))
+            j = 1 - float(_dice_loss_of(p.tolist(), target.tolist(), jaccard=True))
+            assert 0 < j < d < 1
+            assert j == pytest.approx(d / (2 - d), rel=1e-12)
+
+
+@pytest.mark.parametrize("jaccard", [False, True])
+def test_dice_from_terms_smoothing(jaccard):
+    """An empty class (I = P = G = 0) scores ``1 - smooth_nr / smooth_dr``; smoothing pulls a disjoint pair below 1."""
+    empty = GF.DiceTerms(*(torch.zeros(1, 3, dtype=torch.float64) for _ in range(3)))
+    for (nr, dr), expected in (((1e-5, 1e-5), 0.0), ((0.0, 1e-6), 1.0), ((1.0, 2.0), 0.5), ((1.0, 1.0), 0.0)):
+        f = GF.dice_from_terms(empty, nr, dr, jaccard=jaccard)
+        assert f.shape == (1, 3) and torch.isfinite(f).all()
+        assert f.tolist() == [[pytest.approx(expected, abs=1e-15)] * 3]
+    # disjoint: I = 0, P = 1, G = 2 (D = 3, Jaccard denominator 2 * (D - I) = 6): 1 - s / (3 + s) or 1 - s / (6 + s)
+    disjoint = _dice_loss_of([1, 0, 0], [0, 1, 1], (1.0, 1.0), jaccard)
+    assert float(disjoint) == pytest.approx(1 - 1 / (6 + 1) if jaccard else 1 - 1 / (3 + 1), rel=1e-15)
+    # and the numerator smoothing alone lifts the score of a perfect pair above 1 (loss below 0): 1 - (2 + 1) / 2
+    assert float(_dice_loss_of([1], [1], (1.0, 0.0), jaccard)) == pytest.approx(-0.5, rel=1e-15)
 
 
 def test_dice_from_terms_empty_class_is_zero_and_finite():
@@ -233,7 +278,7 @@ def test_prepare_label_map(make_case, include_background, ignore_index, keep):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# the loss functions; the Modules equal them
+# the loss functions and the Modules against the reference
 # --------------------------------------------------------------------------------------------------------------------
 
 FUNCTION_CASES = [
@@ -255,8 +300,34 @@ MODULE_CASES = [("dice", kw) for kw in FUNCTION_CASES] + [
 ]
 
 
+def _smoothed_ce(x, labels, ignore_index, eps):
+    """Mean label-smoothed CE over the voxels whose label is not ``ignore_index``, from log-softmax by hand:
+    ``(1 - eps) * -log p_y + eps * mean_c(-log p_c)``."""
+    b, c = x.shape[:2]
+    logp = torch.log_softmax(x.double().reshape(b, c, -1), 1)
+    y = labels.reshape(b, -1)
+    keep = y != ignore_index
+    nll = -logp.gather(1, torch.where(keep, y, 0)[:, None])[:, 0]
+    per_voxel = (1 - eps) * nll - eps * logp.mean(1)
+    return per_voxel[keep].sum() / keep.sum()
+
+
+def _reference_loss(kind, x, y, kw):
+    """tests/reference.py's loss for ``kw``; label smoothing (not in the reference) through :func:`_smoothed_ce`."""
+    kw = dict(kw)
+    eps = kw.pop("label_smoothing", 0.0)
+    lambda_ce = kw.get("lambda_ce", 0.0)
+    if eps:
+        kw["lambda_ce"] = 0.0
+    ref = (R.dice_loss if kind == "dice" else R.generalized_dice_loss)(x, y, **kw)
+    if eps:
+        ref = ref + lambda_ce * _smoothed_ce(x, y, kw.get("ignore_index"), eps)
+    return ref
+
+
 @pytest.mark.parametrize("kind,kw", MODULE_CASES)
-def test_module_equals_function(make_case, kind, kw):
+def test_module_and_function_match_the_reference(make_case, kind, kw):
+    """Module and function against the per-class loop reference (value and gradient), not against each other."""
     x, labels = make_case((2, 4, 5, 5, 5))
     labels = labels.clone()
     if kw.get("ignore_index") == 255:
@@ -266,14 +337,18 @@ def test_module_equals_function(make_case, kind, kw):
         module, function = DicePlusLoss(**kw), GF.dice_plus_loss
     else:
         module, function = GeneralizedDicePlusLoss(**kw), GF.generalized_dice_plus_loss
-    x1 = x.detach().clone().requires_grad_(True)
-    x2 = x.detach().clone().requires_grad_(True)
-    a = module(x1, y)
-    b = function(x2, y, **kw)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    a.sum().backward()
-    b.sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+    xr = x.detach().clone().requires_grad_(True)
+    expected = _reference_loss(kind, xr, y, kw)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), xr)
+    # static weights are kept in float32 (as MONAI's), the reference's in float64
+    tol = {"rtol": 2e-7, "atol": 1e-10} if "weight" in kw else {"rtol": 1e-10, "atol": 1e-12}
+    for loss in (module, functools.partial(function, **kw)):
+        xi = x.detach().clone().requires_grad_(True)
+        value = loss(xi, y)
+        assert value.shape == expected.shape
+        torch.testing.assert_close(value, expected, **tol)
+        (grad,) = torch.autograd.grad(value.sum(), xi)
+        torch.testing.assert_close(grad, expected_grad, **tol)
 
 
 @pytest.mark.parametrize("function", [GF.dice_plus_loss, GF.generalized_dice_plus_loss])

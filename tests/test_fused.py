@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss, fused
+from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss, fused, memory
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -152,16 +152,42 @@ def test_class_sums_equal_a_one_hot_reference_on_every_route(monkeypatch):
     assert counts.tolist() == [[2.0, 1.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]]
 
 
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def test_the_activation_buffer_is_advised_onto_huge_pages_without_changing_results(monkeypatch):
-    """The logits-sized buffer gets the huge-page advice before its first write; values and gradients are
-    bit-identical with the advice turned off (``MONAI_GDL_PLUS_HUGE_PAGES=0``)."""
+    """The logits-sized buffer, advised once before its first write, is the one the backward turns into ``x.grad``;
+    values and gradients are bit-identical with the advice turned off (``MONAI_GDL_PLUS_HUGE_PAGES=0``).
+
+    The recorder fills the advised tensor with NaN after the real advice: the forward must overwrite all of it, so
+    advice given after the first write shows up as NaN; advice given to another tensor, in the pointer check."""
     advised = []
     real = fused.advise_huge_pages
-    monkeypatch.setattr(fused, "advise_huge_pages", lambda t: advised.append(t.shape) or real(t))
-    x, y = torch.randn(1, 4, 2**20), torch.randint(0, 4, (1, 1, 2**20))  # a 16 MiB buffer
+
+    def record(t):
+        given = real(t)
+        advised.append((t.data_ptr(), t.shape, t.dtype, given))
+        t.fill_(float("nan"))
+        return given
+
+    monkeypatch.setattr(fused, "advise_huge_pages", record)
+    shape = (1, 4, 2**20)  # a 16 MiB buffer: 2 MiB-aligned interior whatever the allocator's offset
+    x, y = torch.randn(shape), torch.randint(0, 4, (1, 1, 2**20))
     loss = DicePlusLoss(to_onehot_y=True, softmax=True, lambda_ce=0.5)
     on = _value_and_grad(loss, x, y, False, monkeypatch)
-    assert advised == [torch.Size([1, 4, 2**20])]
-    monkeypatch.setenv("MONAI_GDL_PLUS_HUGE_PAGES", "0")
+    assert len(advised) == 1
+    ptr, advised_shape, dtype, given = advised[0]
+    assert (advised_shape, dtype) == (torch.Size(shape), torch.float32)
+    assert on[1].data_ptr() == ptr  # the gradient is written over the advised buffer, not copied out of it
+    if any(mode in _thp_mode() for mode in ("[madvise]", "[always]")):
+        assert given  # the kernel took the advice
+    assert torch.isfinite(on[0]) and torch.isfinite(on[1]).all()
+    monkeypatch.setenv(memory.HUGE_PAGES_ENV, "0")
     off = _value_and_grad(loss, x, y, False, monkeypatch)
+    assert len(advised) == 2 and advised[1][3] is False  # turned off: asked, not given
     assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])

@@ -17,7 +17,7 @@ from monai.metrics import DiceMetric
 from torchmetrics.segmentation import DiceScore
 
 import monai_gdl_plus.metrics as metrics_module
-from monai_gdl_plus import PerClassDice
+from monai_gdl_plus import PerClassDice, fused
 
 NAN = float("nan")
 
@@ -456,6 +456,62 @@ def test_cuda_update_has_no_host_sync_and_matches_cpu(kwargs):
     for _ in range(2):
         cpu.update((logits, labels))
     assert metric.compute() == pytest.approx(cpu.compute(), abs=1e-12, nan_ok=True)
+
+
+def _forbid_host_syncs(monkeypatch):
+    """Make every call that would wait for an accelerator raise: reading a tensor on the host, ``bincount``
+    (sizes its output from the data), ``unique`` and ``nonzero`` (data-dependent shapes)."""
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host sync in accelerator mode")
+
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    for name in ("bincount", "unique", "nonzero"):
+        monkeypatch.setattr(torch, name, sync)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"aggregation": "per_image"}, {"activation": "sigmoid"}, {"ignore_index": 255}])
+def test_accelerator_mode_update_has_no_host_sync_and_matches_host_mode(monkeypatch, kwargs):
+    """The CPU counterpart of the CUDA test: with ``fused._HOST_DEVICES`` empty, CPU tensors take the accelerator
+    code paths (scatter instead of bincount, asynchronous label checks); an update then reads nothing back on the
+    host, and the values equal those of host mode."""
+    batches = make_batches(2, 2, 4, (12, 10, 8), seed=13)
+    if "ignore_index" in kwargs:
+        batches[0][1][0, 0, :3] = 255
+    host = PerClassDice(4, **kwargs)
+    for b in batches:
+        host.update(b)
+    expected = host.compute()
+    accelerated = PerClassDice(4, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(fused, "_HOST_DEVICES", set())
+        _forbid_host_syncs(m)
+        for b in batches:
+            accelerated.update(b)
+    assert accelerated.compute() == pytest.approx(expected, abs=1e-12, nan_ok=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, y_pred, y, match",
+    [
+        ({}, torch.zeros(1, 3, 2, 2), torch.tensor([[[[0, 1], [3, 7]]]]), r"`y` label values must lie in \[0, 3\)\."),
+        ({"ignore_index": 255}, torch.zeros(1, 3, 2, 2), torch.tensor([[[[0, 255], [3, 1]]]]),
+         r"`y` label values must lie in \[0, 3\) or equal `ignore_index`=255\."),
+        ({"activation": None}, torch.tensor([[[0, 5]]]), torch.tensor([[[0, 1]]]),
+         r"`y_pred` label values must lie in \[0, 3\)\."),
+        ({"activation": "sigmoid"}, torch.zeros(1, 3, 2, 2), torch.tensor([[[[0, 1], [4, 1]]]]),
+         r"`y` label values must lie in \[0, 3\)\."),
+    ],
+)  # fmt: skip
+def test_accelerator_mode_bad_label_raises_from_the_device_check(monkeypatch, kwargs, y_pred, y, match):
+    """Accelerator mode: a label out of range is caught by the asynchronous device assertion (on CPU it raises
+    at once, a RuntimeError with the message) before it can index out of bounds; nothing is accumulated."""
+    monkeypatch.setattr(fused, "_HOST_DEVICES", set())
+    metric = PerClassDice(3, **kwargs)
+    with pytest.raises(RuntimeError, match=match):
+        metric.update((y_pred, y))
+    assert int(metric._num_samples) == 0
 
 
 def test_sigmoid_one_channel_ignore_index_label_map():
