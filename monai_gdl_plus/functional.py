@@ -61,6 +61,8 @@ WType = Literal["square", "simple", "uniform"]
 AbsentWeight = Union[Literal["max", "zero"], float]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# label maps with a softmax/sigmoid take the fused path; the tests turn it off to compare with the plain path
+_FUSED_LABEL_PATH = True
 
 
 class DiceTerms(NamedTuple):
@@ -839,7 +841,7 @@ def _loss_parts(
         warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
     want_ce = o["lambda_ce"] > 0
     ce = None
-    if prep.labels is not None and (softmax or o["sigmoid"]):
+    if prep.labels is not None and (softmax or o["sigmoid"]) and _FUSED_LABEL_PATH:
         fuse_ce = want_ce and softmax and o["label_smoothing"] == 0
         acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 logits: weights and sums in float32
         ce_wx = None if ce_w is None else ce_w.to(device=x.device, dtype=acc)

@@ -236,7 +236,8 @@ def _label_terms_op(x, labels, mask, ce_weight, softmax, squared, with_ce):
     dtype = torch.promote_types(x.dtype, torch.float32)
     with autocast_off(x.device):
         out = _forward_chunks(x, labels, mask, ce_weight, softmax, squared, dtype, with_ce)
-    return out[3:]  # the logits-sized activation is dropped here and recomputed by the backward
+    # the logits-sized activation is dropped here and recomputed by the backward; outputs contiguous, as the fake
+    return tuple(t.contiguous() for t in out[3:])
 
 
 @_label_terms_op.register_fake

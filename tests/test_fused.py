@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss, fused, memory
+from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss, functional, fused, memory
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -24,8 +24,8 @@ def _value_and_grad(loss, x, y, plain: bool, monkeypatch=None):
     """Loss value and d loss / d x, through the fused path or (``plain``) the plain autograd one."""
     x = x.detach().clone().requires_grad_(True)
     with monkeypatch.context() as m:
-        if plain:  # the plain path is what a torch.compile trace takes
-            m.setattr(torch.compiler, "is_compiling", lambda: True)
+        if plain:
+            m.setattr(functional, "_FUSED_LABEL_PATH", False)
         value = loss(x, y)
     value.backward()
     return value.detach(), x.grad
@@ -191,3 +191,51 @@ def test_the_activation_buffer_is_advised_onto_huge_pages_without_changing_resul
     off = _value_and_grad(loss, x, y, False, monkeypatch)
     assert len(advised) == 2 and advised[1][3] is False  # turned off: asked, not given
     assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the custom ops that torch.compile sees (monai_gdl_plus::label_terms and its backward)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _op_inputs(masked: bool, weighted: bool, dtype=torch.float64):
+    g = torch.Generator().manual_seed(7)
+    x = 2.0 * torch.randn(2, 4, 30, generator=g, dtype=dtype)
+    labels = torch.randint(0, 4, (2, 30), generator=g)
+    mask = (torch.rand(2, 30, generator=g) > 0.2).to(dtype) if masked else None
+    weight = torch.tensor([0.3, 1.0, 0.6, 0.9], dtype=dtype) if weighted else None
+    return x, labels, mask, weight
+
+
+@pytest.mark.parametrize("softmax,squared,with_ce", [(True, False, True), (True, True, False), (False, True, False)])
+@pytest.mark.parametrize("masked,weighted", [(False, False), (True, True)])
+def test_custom_op_passes_torch_library_opcheck(softmax, squared, with_ce, masked, weighted):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the op, as torch checks them."""
+    x, labels, mask, weight = _op_inputs(masked, weighted)
+    args = (x.requires_grad_(True), labels, mask, weight, softmax, squared, with_ce)
+    torch.library.opcheck(torch.ops.monai_gdl_plus.label_terms.default, args)
+
+
+@pytest.mark.parametrize("softmax,squared,with_ce", [(True, False, True), (True, True, True), (False, False, False)])
+def test_custom_op_equals_the_eager_function_and_passes_gradcheck(small_chunks, softmax, squared, with_ce):
+    """What a compiled loss runs (the op, whose backward recomputes the activation) equals the eager Function (whose
+    backward overwrites the saved one) in value and gradient, over chunk boundaries; gradcheck in float64."""
+    x, labels, mask, weight = _op_inputs(True, True)
+    cot = [torch.rand(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+
+    def scalar(out):
+        inter, psum, _, nll = out
+        return (inter * cot[0]).sum() + (psum * cot[1]).sum() + 0.3 * nll
+
+    results = []
+    for call in (fused._label_terms_op, fused._FusedLabelTerms.apply):
+        xi = x.clone().requires_grad_(True)
+        out = call(xi, labels, mask, weight, softmax, squared, with_ce)
+        scalar(out).backward()
+        results.append((torch.stack([t.detach() for t in out[:3]]), out[3].detach(), xi.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda t: scalar(fused._label_terms_op(t, labels, mask, weight, softmax, squared, with_ce)),
+        (x.clone().requires_grad_(True),),
+    )

@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from monai.data import MetaTensor
 
-from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss
+from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss, fused
 from monai_gdl_plus.functional import per_class_terms
 
 SHAPES = {"3d": (2, 4, 6, 6, 6), "2d": (2, 3, 8, 8)}
@@ -774,6 +774,36 @@ def test_label_values_outside_range(loss_cls, bad, ignore_index):
 
 
 @BOTH
+@pytest.mark.parametrize(
+    "case", ["label 7", "label 7 ignore 255", "non-binary one-hot", "non-integer label map"]
+)  # fmt: skip
+def test_value_checks_in_accelerator_mode_are_device_assertions(monkeypatch, loss_cls, case):
+    """What a GPU runs, on CPU (``fused._HOST_DEVICES`` emptied): the value checks are asynchronous device assertions
+    (RuntimeError with the same message, no host sync), and ``validate=True`` makes them the readable ValueError."""
+    monkeypatch.setattr(fused, "_HOST_DEVICES", set())
+    x = torch.randn(2, 3, 4, 4)
+    kw: dict = dict(to_onehot_y=True, softmax=True)
+    if case.startswith("label 7"):
+        y = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+        y[1, 0, 2, 2] = 7
+        kw["ignore_index"] = 255 if "255" in case else None
+        match = r"`target` label values must lie in \[0, 3\)"
+    elif case == "non-binary one-hot":
+        y = R.one_hot(torch.randint(0, 3, (2, 4, 4)), 3, torch.float32)
+        y[0, :, 0, 0] = torch.tensor([0.5, 0.25, 0.25])
+        kw = dict(softmax=True)
+        match = r"`target` must be binary"
+    else:
+        y = torch.zeros(2, 1, 4, 4)
+        y[0, 0, 1, 1] = 1.5
+        match = r"`target` label map must hold integer class indices"
+    with pytest.raises(RuntimeError, match=match):
+        loss_cls(**kw)(x, y)
+    with pytest.raises(ValueError, match=match):
+        loss_cls(validate=True, **kw)(x, y)
+
+
+@BOTH
 @pytest.mark.parametrize("include_background,length", [(True, 2), (True, 5), (False, 1), (False, 5)])
 def test_weight_of_wrong_length(loss_cls, include_background, length):
     x = torch.randn(2, 4, 4, 4)
@@ -1024,6 +1054,60 @@ def test_dynamo_explain_no_graph_breaks(name):
     explanation = torch._dynamo.explain(loss_cls(**kwargs))(x.detach(), y)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+# aten ops that torch.use_deterministic_algorithms(True) refuses on CUDA (torch 2.13's docstring, "will throw"):
+# our default path must use none of them, on the host and on the accelerator code paths alike
+_NO_DETERMINISTIC_CUDA_KERNEL = (
+    "nll_loss", "bincount", "histc", "put_", "cumsum", "median", "scatter_reduce", "grid_sampler", "upsample",
+    "avg_pool3d", "adaptive_", "max_unpool", "reflection_pad", "ctc_loss", "embedding_bag", "fractional_max_pool",
+)  # fmt: skip
+
+DETERMINISTIC_CASES = {
+    "dice+ce label smoothing": (DicePlusLoss, dict(to_onehot_y=True, softmax=True, lambda_ce=1.0, label_smoothing=0.1,
+                                                   ignore_index=255, weight=[0.2, 0.4, 0.6, 0.8])),  # fmt: skip
+    "dice+ce fused": (DicePlusLoss, dict(to_onehot_y=True, softmax=True, lambda_ce=1.0, squared_pred=True)),
+    "gdl ignore batch": (GeneralizedDicePlusLoss, dict(to_onehot_y=True, softmax=True, ignore_index=2, batch=True)),
+    "dice sigmoid bce": (DicePlusLoss, dict(to_onehot_y=True, sigmoid=True, lambda_ce=0.5, ignore_index=255)),
+    "gdl onehot ce": (GeneralizedDicePlusLoss, dict(softmax=True, lambda_ce=0.5)),
+}
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("as_accelerator", [False, True], ids=["cpu", "as-accelerator"])
+@pytest.mark.parametrize("name", DETERMINISTIC_CASES)
+def test_deterministic_algorithms(monkeypatch, name, as_accelerator):
+    """Under ``torch.use_deterministic_algorithms(True)``: no error, bit-identical repeats, and no op that has no
+    deterministic CUDA kernel in forward or backward (checked on the ops the accelerator code paths call)."""
+    if as_accelerator:
+        monkeypatch.setattr(fused, "_HOST_DEVICES", set())
+    loss_cls, kwargs = DETERMINISTIC_CASES[name]
+    x, labels = _make_case(SHAPES["3d"], dtype=torch.float32)
+    if kwargs.get("ignore_index") == 255:
+        labels = _with_ignored(labels, 255)
+    y = labels if kwargs.get("to_onehot_y") else R.one_hot(labels[:, 0], 4, torch.float32)
+    loss = loss_cls(**kwargs)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with _OpRecorder() as recorder:
+            first = _value_and_grad(loss, x, y)
+        second = _value_and_grad(loss, x, y)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    if as_accelerator:  # the host path may count with CPU bincount, which is deterministic there
+        refused = sorted(op for op in recorder.ops if any(k in op for k in _NO_DETERMINISTIC_CUDA_KERNEL))
+        assert not refused, refused
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -330,6 +330,26 @@ def test_sigmoid_ignore_index_label_map():
     assert got == pytest.approx(expected, abs=1e-12, nan_ok=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "kwargs", [dict(activation="softmax"), dict(activation="sigmoid", ignore_index=255),
+               dict(activation="sigmoid", aggregation="per_image")],
+    ids=["softmax", "sigmoid ignore_index", "sigmoid per_image"],
+)  # fmt: skip
+def test_update_under_autocast_counts_exactly(kwargs, dtype):
+    """An evaluator under AMP: half logits inside ``torch.autocast`` give the same per-class Dice as float32 on the
+    same numbers, with per-class counts far past float16's exact integers (2048) and largest value (65504)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 48, 48, 48, generator=g).to(dtype)
+    y = torch.randint(0, 3, (2, 1, 48, 48, 48), generator=g)
+    y[:, :, :4] = 255
+    y = y if "ignore_index" in kwargs else y.clamp_max(2)
+    expected = run_metric(PerClassDice(3, include_background=True, **kwargs), [(x.float(), y)])
+    with torch.autocast("cpu", dtype=dtype):
+        got = run_metric(PerClassDice(3, include_background=True, **kwargs), [(x, y)])
+    assert got == expected
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # life cycle, names, state
 # --------------------------------------------------------------------------------------------------------------------
