@@ -1,5 +1,6 @@
-"""GPU checks for a lent accelerator (never run by CI): sync-free training steps, CUDA parity with MONAI, and the
-per-class Dice metric's update without host syncs.
+"""GPU checks for a lent accelerator (never run by CI): sync-free training steps (float32, float16 AMP, compiled,
+deterministic), CUDA parity with MONAI, AMP against float32, and the per-class Dice metric's update without host
+syncs.
 
     python benchmarks/gpu_check.py
 
@@ -19,8 +20,9 @@ from monai.losses import DiceCELoss, DiceLoss, GeneralizedDiceLoss
 from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss
 
 
-def _sync_free_step(loss_fn: torch.nn.Module, shape: tuple[int, ...], ignore: int | None) -> str:
-    """One conv + loss forward/backward + SGD step under ``set_sync_debug_mode("error")``."""
+def _sync_free_step(loss_fn: torch.nn.Module, shape: tuple[int, ...], ignore: int | None, amp: bool = False) -> str:
+    """One conv + loss forward/backward + SGD step under ``set_sync_debug_mode("error")`` (``amp``: the network
+    and the loss under float16 autocast, as MONAI's trainers run them)."""
     dev = torch.device("cuda")
     b, c = shape[:2]
     net = torch.nn.Conv3d(1, c, 3, padding=1).to(dev)
@@ -32,12 +34,14 @@ def _sync_free_step(loss_fn: torch.nn.Module, shape: tuple[int, ...], ignore: in
     loss_fn = loss_fn.to(dev)
     for step in range(3):  # the first steps warm up kernels and the allocator outside the check
         opt.zero_grad(set_to_none=True)
-        logits = net(img)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            logits = net(img)
         if step == 2:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:  # only the loss's forward and backward are under the check
-            loss = loss_fn(logits, lab)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                loss = loss_fn(logits, lab)
             loss.backward()
         finally:
             torch.cuda.set_sync_debug_mode(0)
@@ -58,14 +62,43 @@ def check_sync_free() -> bool:
             weight=[1.0, 2.0, 3.0, 4.0]), 2),  # fmt: skip
         ("GDL batch jaccard", GeneralizedDicePlusLoss(to_onehot_y=True, softmax=True, batch=True, jaccard=True), None),
     ]
-    for name, fn, ignore in cases:
+    compiled = [(f"{name} [compiled]", torch.compile(fn, fullgraph=True), ig) for name, fn, ig in cases[:2]]
+    for (name, fn, ignore), amp in itertools.product(cases + compiled, (False, True)):
+        label = name + (" [amp fp16]" if amp else "")
         try:
-            msg = _sync_free_step(fn, (2, 4, 32, 32, 32), ignore)
-            print(f"[ok]   sync-free step: {name}: {msg}")
+            msg = _sync_free_step(fn, (2, 4, 32, 32, 32), ignore, amp)
+            print(f"[ok]   sync-free step: {label}: {msg}")
         except RuntimeError as e:
             ok = False
-            print(f"[FAIL] sync-free step: {name}: {str(e).splitlines()[0][:300]}")
+            print(f"[FAIL] sync-free step: {label}: {str(e).splitlines()[0][:300]}")
+    torch.use_deterministic_algorithms(True)
+    try:
+        msg = _sync_free_step(cases[1][1], (2, 4, 32, 32, 32), 255, amp=True)
+        print(f"[ok]   deterministic algorithms: {cases[1][0]} [amp fp16]: {msg}")
+    except RuntimeError as e:
+        ok = False
+        print(f"[FAIL] deterministic algorithms: {str(e).splitlines()[0][:300]}")
+    finally:
+        torch.use_deterministic_algorithms(False)
     return ok
+
+
+def check_amp() -> bool:
+    """Under float16 autocast, value equal to float32 on the rounded logits, at class volumes past 65504."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 64, 64, 64, device=dev).half()
+    y = torch.randint(0, 4, (2, 1, 64, 64, 64), device=dev)
+    worst = 0.0
+    for fn in (DicePlusLoss(to_onehot_y=True, softmax=True, lambda_ce=1.0), GeneralizedDicePlusLoss(
+            to_onehot_y=True, softmax=True), DicePlusLoss(to_onehot_y=True, sigmoid=True, squared_pred=True)):
+        expected = fn(x.float(), y)
+        with torch.autocast("cuda", dtype=torch.float16):
+            got = fn(x, y)
+        worst = max(worst, float((got - expected).abs()))
+    good = worst <= 1e-5
+    print(f"[{'ok' if good else 'FAIL'}]   float16 AMP vs float32 on the rounded logits: max |diff| = {worst:.2e}")
+    return good
 
 
 def check_parity() -> bool:
@@ -134,7 +167,7 @@ def main() -> int:
         print("no CUDA device: nothing to check")
         return 0
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
-    results = [check_sync_free(), check_parity(), check_metric_sync_free()]
+    results = [check_sync_free(), check_parity(), check_amp(), check_metric_sync_free()]
     return 0 if all(results) else 1
 
 
