@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from monai_gdl_plus import functional
 from monai_gdl_plus.handlers import PerClassDiceLogger
-from monai_gdl_plus.losses import DicePlusLoss, GeneralizedDicePlusLoss
+from monai_gdl_plus.losses import DiceCEPlusLoss, DicePlusLoss, GeneralizedDicePlusLoss, TverskyPlusLoss
 from monai_gdl_plus.metrics import PerClassDice
 
 __version__ = "0.1.0"
 
-__all__ = ["DicePlusLoss", "GeneralizedDicePlusLoss", "PerClassDice", "PerClassDiceLogger", "functional", "__version__"]
+__all__ = [
+    "DiceCEPlusLoss",
+    "DicePlusLoss",
+    "GeneralizedDicePlusLoss",
+    "PerClassDice",
+    "PerClassDiceLogger",
+    "TverskyPlusLoss",
+    "functional",
+    "__version__",
+]

@@ -5,32 +5,48 @@ Tensors in, tensors out, no state. Every loss is the same four steps:
 1. :func:`prepare` -- activation, label map or one-hot target, ignore mask, kept channels;
 2. :func:`per_class_terms` -- intersection ``I = sum(p * g)``, prediction sum ``P = sum(p)`` (or ``sum(p**2)``)
    and target sum ``G = sum(g)`` per (sample, class), without ever building a dense one-hot of a label map;
-3. :func:`dice_from_terms` / :func:`generalized_dice_from_terms` -- combine the terms;
+3. :func:`dice_from_terms` / :func:`tversky_from_terms` / :func:`generalized_dice_from_terms` -- combine the terms;
 4. :func:`reduce_loss` -- ``"none" | "mean" | "sum"``.
 
 :func:`dice_plus_loss` and :func:`generalized_dice_plus_loss` chain those steps (plus an optional cross-entropy
-term); the ``nn.Module`` classes in :mod:`monai_gdl_plus.losses` are thin wrappers around them. The metric shares
+term), configured by one options object each (:mod:`monai_gdl_plus.options`); the ``nn.Module`` classes in
+:mod:`monai_gdl_plus.losses` are thin wrappers around them. The metric shares
 :func:`per_class_terms` and :func:`label_terms` (hard counts).
 
 Forms (MONAI 1.6.1): with ``D = P + G``,
-Dice ``1 - (2I + smooth_nr) / (D + smooth_dr)``, Jaccard ``1 - (2I + smooth_nr) / (2(D - I) + smooth_dr)``.
-References: Milletari et al. 2016 (V-Net, squared denominator); Sudre et al. 2017 (Generalised Dice).
+Dice ``1 - (2I + smooth_nr) / (D + smooth_dr)``, Jaccard ``1 - (2I + smooth_nr) / (2(D - I) + smooth_dr)``,
+Tversky ``1 - (I + smooth_nr) / (I + alpha (P - I) + beta (G - I) + smooth_dr)``.
+References: Milletari et al. 2016 (V-Net, squared denominator); Sudre et al. 2017 (Generalised Dice); Salehi et al.
+2017 (Tversky).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple, Union
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
-from monai.utils import look_up_option
 
 from monai_gdl_plus.fused import _on_host, autocast_off, class_sums, fused_label_terms
+from monai_gdl_plus.options import (
+    ABSENT_WEIGHTS,
+    REDUCTIONS,
+    W_TYPES,
+    AbsentWeight,
+    DiceOptions,
+    GeneralizedDiceOptions,
+    WType,
+    check_option,
+)
 
 __all__ = [
     "REDUCTIONS",
+    "DiceOptions",
+    "GeneralizedDiceOptions",
+    "check_option",
+    "check_weight",
     "check_integer_labels",
     "check_label_range",
     "dense_ignore_mask",
@@ -44,6 +60,7 @@ __all__ = [
     "per_class_terms",
     "label_terms",
     "dice_from_terms",
+    "tversky_from_terms",
     "generalized_dice_from_terms",
     "gdl_weights",
     "reduce_loss",
@@ -51,14 +68,6 @@ __all__ = [
     "dice_plus_loss",
     "generalized_dice_plus_loss",
 ]
-
-REDUCTIONS = ("none", "mean", "sum")
-W_TYPES = ("square", "simple", "uniform")
-ABSENT_WEIGHTS = ("max", "zero")
-
-Reduction = Literal["none", "mean", "sum"]
-WType = Literal["square", "simple", "uniform"]
-AbsentWeight = Union[Literal["max", "zero"], float]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # label maps with a softmax/sigmoid take the fused path; the tests turn it off to compare with the plain path
@@ -99,24 +108,20 @@ class Prepared(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# argument checks (pure Python, run once at construction by the modules)
+# static class weights (the other options: monai_gdl_plus.options)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def check_option(name: str, value: object, options: Sequence[str]) -> str:
-    """Return ``value`` as one of ``options`` or raise a ValueError naming the argument (with "did you mean")."""
-    try:
-        return str(look_up_option(value, options))
-    except ValueError as e:
-        raise ValueError(f"`{name}` must be one of {tuple(options)}, got {value!r}. {e}") from None
-
-
-def check_weight(weight: Sequence[float] | float | int | torch.Tensor | None) -> torch.Tensor | None:
-    """Static class weights as a float tensor (0-d or 1-d), checked for sign and finiteness."""
+def check_weight(
+    weight: Sequence[float] | float | int | torch.Tensor | None, copy: bool = True
+) -> torch.Tensor | None:
+    """Static class weights as a float tensor (0-d or 1-d), checked for sign and finiteness (on the host: no sync);
+    a tensor is copied unless ``copy=False``."""
     if weight is None:
         return None
     try:
-        w = torch.as_tensor(weight).detach().clone()
+        w = torch.as_tensor(weight).detach()
+        w = w.clone() if copy else w
         w = w if w.is_floating_point() else w.to(torch.float32)
     except (TypeError, ValueError, RuntimeError) as e:
         raise TypeError(f"`weight` must be a number, a sequence of numbers or a tensor, got {weight!r}.") from e
@@ -124,62 +129,9 @@ def check_weight(weight: Sequence[float] | float | int | torch.Tensor | None) ->
         raise ValueError(
             f"`weight` must be a scalar or a 1-D sequence (one value per class), got shape {tuple(w.shape)}."
         )
-    if w.device.type == "cpu" and (not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
+    if w.device.type == "cpu" and _checks_enabled(w) and (not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
         raise ValueError(f"`weight` values must be finite and no less than 0, got {w.tolist()}.")
     return w
-
-
-def check_args(
-    *,
-    sigmoid: bool,
-    softmax: bool,
-    other_act: Callable | None,
-    reduction: str,
-    smooth_nr: float,
-    smooth_dr: float,
-    lambda_dice: float,
-    lambda_ce: float,
-    label_smoothing: float,
-    ignore_index: int | None,
-    w_type: str | None = None,
-    absent_weight: AbsentWeight | None = None,
-) -> dict:
-    """Validate the loss arguments; return the normalised option strings. Raises ValueError/TypeError."""
-    if other_act is not None and not callable(other_act):
-        raise TypeError(f"`other_act` must be None or callable, got {type(other_act).__name__}.")
-    if int(bool(sigmoid)) + int(bool(softmax)) + int(other_act is not None) > 1:
-        raise ValueError(
-            "`sigmoid`, `softmax` and `other_act` are mutually exclusive: got "
-            f"sigmoid={sigmoid}, softmax={softmax}, other_act={other_act!r}."
-        )
-    out: dict = {"reduction": check_option("reduction", reduction, REDUCTIONS)}
-    for name, v in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
-        if not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"`{name}` must be a number no less than 0, got {v!r}.")
-    for name, v in (("lambda_dice", lambda_dice), ("lambda_ce", lambda_ce)):
-        if not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"`{name}` must be a number no less than 0.0, got {v!r}.")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"`label_smoothing` must be a number in [0, 1], got {label_smoothing!r}.")
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
-    if lambda_ce > 0 and out["reduction"] == "none":
-        raise ValueError(
-            "`reduction='none'` cannot be combined with `lambda_ce` > 0: the cross-entropy term has no per-class "
-            f"value (got lambda_ce={lambda_ce}). Use reduction='mean' or 'sum', or lambda_ce=0."
-        )
-    if w_type is not None:
-        out["w_type"] = check_option("w_type", w_type, W_TYPES)
-    if absent_weight is not None:
-        if isinstance(absent_weight, bool):
-            raise TypeError(f"`absent_weight` must be 'max', 'zero' or a float, got {absent_weight!r}.")
-        if isinstance(absent_weight, (int, float)):
-            if not absent_weight >= 0 or absent_weight == float("inf"):
-                raise ValueError(f"`absent_weight` as a number must be finite and >= 0, got {absent_weight!r}.")
-            out["absent_weight"] = float(absent_weight)
-        else:
-            out["absent_weight"] = check_option("absent_weight", absent_weight, ABSENT_WEIGHTS)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -616,6 +568,19 @@ def dice_from_terms(
     return _ratio(terms.intersection, terms.pred_sum + terms.target_sum, smooth_nr, smooth_dr, jaccard)
 
 
+def _tversky_ratio(inter, fp, fn, alpha: float, beta: float, smooth_nr: float, smooth_dr: float) -> torch.Tensor:
+    return 1.0 - (inter + smooth_nr) / (inter + alpha * fp + beta * fn + smooth_dr)
+
+
+def tversky_from_terms(
+    terms: DiceTerms, alpha: float = 0.5, beta: float = 0.5, *, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5
+) -> torch.Tensor:
+    """Per-class Tversky loss (Salehi et al. 2017) ``1 - (I + smooth_nr) / (I + alpha FP + beta FN + smooth_dr)``
+    with ``FP = P - I`` and ``FN = G - I`` (linear sums; MONAI's ``TverskyLoss``). ``alpha = beta = 0.5`` is Dice."""
+    i = terms.intersection
+    return _tversky_ratio(i, terms.pred_sum - i, terms.target_sum - i, alpha, beta, smooth_nr, smooth_dr)
+
+
 def gdl_weights(
     volumes: torch.Tensor,
     w_type: WType = "square",
@@ -665,8 +630,12 @@ def generalized_dice_from_terms(
     smooth_nr: float = 1e-5,
     smooth_dr: float = 1e-5,
     jaccard: bool = False,
+    tversky: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Generalised Dice loss ``1 - (2 sum_c w_c I_c + smooth_nr) / (sum_c w_c (P_c + G_c) + smooth_dr)``.
+
+    With ``tversky=(alpha, beta)`` the generalised Tversky loss: the same weights on ``I``, ``FP = P - I`` and
+    ``FN = G - I``, ``1 - (sum_c w_c I_c + smooth_nr) / (sum_c w_c (I_c + alpha FP_c + beta FN_c) + smooth_dr)``.
 
     Empty rule: a sample in which no class is present (every ``V_c = 0``) has ``I = G = 0``, where any Dice form
     saturates near 1 with a vanishing gradient (MONAI: 0 with zero gradient). It is scored instead as the soft
@@ -682,8 +651,12 @@ def generalized_dice_from_terms(
     """
     w = gdl_weights(volumes, w_type, absent_weight, static_weight, normalize_weights).to(terms.intersection.dtype)
     inter = (w * terms.intersection).sum(-1)
-    denom = (w * (terms.pred_sum + terms.target_sum)).sum(-1)
-    f = _ratio(inter, denom, smooth_nr, smooth_dr, jaccard)
+    if tversky is not None:
+        fp = (w * (terms.pred_sum - terms.intersection)).sum(-1)
+        fn = (w * (terms.target_sum - terms.intersection)).sum(-1)
+        f = _tversky_ratio(inter, fp, fn, *tversky, smooth_nr, smooth_dr)
+    else:
+        f = _ratio(inter, (w * (terms.pred_sum + terms.target_sum)).sum(-1), smooth_nr, smooth_dr, jaccard)
     empty = ~(volumes > 0).any(-1)
     fp = terms.pred_sum.sum(-1).clamp_min(0.0)
     return torch.where(empty, fp / (fp + 1.0), f)
@@ -820,7 +793,7 @@ def _bce_term(x: torch.Tensor, prep: Prepared, pos_weight: torch.Tensor | None, 
 
 
 def _loss_parts(
-    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, o: dict
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, o: DiceOptions
 ) -> tuple[DiceTerms, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Kept-channel terms, true volumes, static Dice weights and the CE value (None without ``lambda_ce``).
 
@@ -829,37 +802,37 @@ def _loss_parts(
     """
     x = plain_tensor(input)
     prep = _prepare_target(
-        x, target, include_background=o["include_background"], to_onehot_y=o["to_onehot_y"],
-        soft_label=o["soft_label"], ignore_index=o["ignore_index"], validate=o["validate"],
+        x, target, include_background=o.include_background, to_onehot_y=o.to_onehot_y,
+        soft_label=o.soft_label, ignore_index=o.ignore_index, validate=o.validate,
     )  # fmt: skip
     num_ch = x.shape[1]
-    dice_w, ce_w = split_weight(weight, num_ch, o["include_background"], prep.keep)
-    if num_ch - (0 if o["include_background"] or num_ch == 1 else 1) == 1:
+    dice_w, ce_w = split_weight(weight, num_ch, o.include_background, prep.keep)
+    if num_ch - (0 if o.include_background or num_ch == 1 else 1) == 1:
         dice_w = None  # as MONAI: no class weight on the Dice term when a single class is scored
-    softmax = o["softmax"] and num_ch > 1
-    if o["softmax"] and num_ch == 1:
+    softmax = o.softmax and num_ch > 1
+    if o.softmax and num_ch == 1:
         warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
-    want_ce = o["lambda_ce"] > 0
+    want_ce = o.lambda_ce > 0
     ce = None
-    if prep.labels is not None and (softmax or o["sigmoid"]) and _FUSED_LABEL_PATH:
-        fuse_ce = want_ce and softmax and o["label_smoothing"] == 0
+    if prep.labels is not None and (softmax or o.sigmoid) and _FUSED_LABEL_PATH:
+        fuse_ce = want_ce and softmax and o.label_smoothing == 0
         acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 logits: weights and sums in float32
         ce_wx = None if ce_w is None else ce_w.to(device=x.device, dtype=acc)
         inter, psum, tsum, nll = fused_label_terms(
-            prep.probs, prep.labels, prep.mask, softmax=softmax, squared=o["squared_pred"], ce_weight=ce_wx,
+            prep.probs, prep.labels, prep.mask, softmax=softmax, squared=o.squared_pred, ce_weight=ce_wx,
             with_ce=fuse_ce,
         )  # fmt: skip
         if fuse_ce:
-            ce = nll if o["reduction"] == "sum" else nll / _ce_count(prep, ce_wx)
+            ce = nll if o.reduction == "sum" else nll / _ce_count(prep, ce_wx)
         terms, vol = _select(DiceTerms(inter, psum, tsum), tsum, prep.keep)
     else:
-        probs = activate(x, o["sigmoid"], softmax, o["other_act"])
+        probs = activate(x, o.sigmoid, softmax, o.other_act)
         prep = prep._replace(probs=probs.reshape(prep.probs.shape))
-        terms, vol = _terms_and_volumes(prep, o["squared_pred"], o["soft_label"])
+        terms, vol = _terms_and_volumes(prep, o.squared_pred, o.soft_label)
     if want_ce and ce is None:
         ce = cross_entropy_term(
-            x, prep, sigmoid=o["sigmoid"], ignore_index=o["ignore_index"], class_weight=ce_w,
-            label_smoothing=o["label_smoothing"], reduction=o["reduction"],
+            x, prep, sigmoid=o.sigmoid, ignore_index=o.ignore_index, class_weight=ce_w,
+            label_smoothing=o.label_smoothing, reduction=o.reduction,
         )  # fmt: skip
     return terms, vol, dice_w, ce
 
@@ -893,118 +866,79 @@ def _combine(dice: torch.Tensor, ce: torch.Tensor | None, lambda_dice: float, la
 def dice_plus_loss(
     input: torch.Tensor,
     target: torch.Tensor,
+    options: DiceOptions | None = None,
     *,
-    include_background: bool = True,
-    to_onehot_y: bool = False,
-    sigmoid: bool = False,
-    softmax: bool = False,
-    other_act: Callable | None = None,
-    squared_pred: bool = False,
-    jaccard: bool = False,
-    reduction: Reduction = "mean",
-    smooth_nr: float = 1e-5,
-    smooth_dr: float = 1e-5,
-    batch: bool = False,
     weight: Sequence[float] | float | torch.Tensor | None = None,
-    soft_label: bool = False,
-    ignore_index: int | None = None,
-    lambda_dice: float = 1.0,
-    lambda_ce: float = 0.0,
-    label_smoothing: float = 0.0,
-    validate: bool = False,
+    **kwargs,
 ) -> torch.Tensor:
-    """Dice (or Jaccard) loss, optionally plus cross entropy; see :class:`monai_gdl_plus.DicePlusLoss`.
+    """Dice, Jaccard or Tversky loss, optionally plus cross entropy; see :class:`monai_gdl_plus.DicePlusLoss`.
+
+    Args:
+        input, target: as the module's ``forward``.
+        options: a :class:`~monai_gdl_plus.options.DiceOptions`; or leave it None and give its fields as keywords.
+        weight: static class weights (see the module).
 
     Returns:
         a scalar for ``"mean"``/``"sum"``; for ``"none"`` per-class values (B, C') or (C',) with ``batch=True``.
     """
-    opts = check_args(
-        sigmoid=sigmoid, softmax=softmax, other_act=other_act, reduction=reduction, smooth_nr=smooth_nr,
-        smooth_dr=smooth_dr, lambda_dice=lambda_dice, lambda_ce=lambda_ce, label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
-    )  # fmt: skip
-    return _dice_plus_loss(
-        input, target, include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
-        softmax=softmax, other_act=other_act, squared_pred=squared_pred, jaccard=jaccard,
-        reduction=opts["reduction"], smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr), batch=batch,
-        weight=check_weight(weight), soft_label=soft_label, ignore_index=ignore_index, lambda_dice=lambda_dice,
-        lambda_ce=lambda_ce, label_smoothing=label_smoothing, validate=validate,
-    )  # fmt: skip
-
-
-def _dice_plus_loss(input: torch.Tensor, target: torch.Tensor, *, weight: torch.Tensor | None, **o) -> torch.Tensor:
+    o = _options(DiceOptions, options, kwargs)
     with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to
-        return _dice_from_parts(*_loss_parts(input, target, weight, o), o)
-
-
-def _dice_from_parts(terms, _vol, dice_w, ce, o) -> torch.Tensor:
-    if o["batch"]:
-        terms = DiceTerms(*(t.sum(0) for t in terms))
-    f = dice_from_terms(terms, o["smooth_nr"], o["smooth_dr"], o["jaccard"])
-    if dice_w is not None:
-        f = f * dice_w.to(f)
-    return _combine(reduce_loss(f, o["reduction"]), ce, o["lambda_dice"], o["lambda_ce"])
+        terms, _, dice_w, ce = _loss_parts(input, target, _weight(weight), o)
+        if o.batch:
+            terms = DiceTerms(*(t.sum(0) for t in terms))
+        if o.tversky is not None:
+            f = tversky_from_terms(terms, *o.tversky, smooth_nr=o.smooth_nr, smooth_dr=o.smooth_dr)
+        else:
+            f = dice_from_terms(terms, o.smooth_nr, o.smooth_dr, o.jaccard)
+        if dice_w is not None:
+            f = f * dice_w.to(f)
+        return _combine(reduce_loss(f, o.reduction), ce, o.lambda_dice, o.lambda_ce)
 
 
 def generalized_dice_plus_loss(
     input: torch.Tensor,
     target: torch.Tensor,
+    options: GeneralizedDiceOptions | None = None,
     *,
-    include_background: bool = True,
-    to_onehot_y: bool = False,
-    sigmoid: bool = False,
-    softmax: bool = False,
-    other_act: Callable | None = None,
-    w_type: WType = "square",
-    reduction: Reduction = "mean",
-    smooth_nr: float = 1e-5,
-    smooth_dr: float = 1e-5,
-    batch: bool = False,
-    soft_label: bool = False,
-    squared_pred: bool = False,
-    jaccard: bool = False,
     weight: Sequence[float] | float | torch.Tensor | None = None,
-    ignore_index: int | None = None,
-    absent_weight: AbsentWeight = "max",
-    normalize_weights: bool = True,
-    lambda_dice: float = 1.0,
-    lambda_ce: float = 0.0,
-    label_smoothing: float = 0.0,
-    validate: bool = False,
+    **kwargs,
 ) -> torch.Tensor:
-    """Generalised Dice loss, optionally plus cross entropy; see :class:`monai_gdl_plus.GeneralizedDicePlusLoss`.
+    """Generalised Dice (or Tversky) loss, optionally plus cross entropy; see
+    :class:`monai_gdl_plus.GeneralizedDicePlusLoss`.
+
+    Args:
+        input, target: as the module's ``forward``.
+        options: a :class:`~monai_gdl_plus.options.GeneralizedDiceOptions`; or None and its fields as keywords.
+        weight: static class weights (see the module).
 
     Returns:
         a scalar for ``"mean"``/``"sum"``; for ``"none"`` one value per sample (B,), or 0-d with ``batch=True``.
     """
-    opts = check_args(
-        sigmoid=sigmoid, softmax=softmax, other_act=other_act, reduction=reduction, smooth_nr=smooth_nr,
-        smooth_dr=smooth_dr, lambda_dice=lambda_dice, lambda_ce=lambda_ce, label_smoothing=label_smoothing,
-        ignore_index=ignore_index, w_type=w_type, absent_weight=absent_weight,
-    )  # fmt: skip
-    return _generalized_dice_plus_loss(
-        input, target, include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
-        softmax=softmax, other_act=other_act, w_type=opts["w_type"], reduction=opts["reduction"],
-        smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr), batch=batch, soft_label=soft_label,
-        squared_pred=squared_pred, jaccard=jaccard, weight=check_weight(weight), ignore_index=ignore_index,
-        absent_weight=opts["absent_weight"], normalize_weights=normalize_weights, lambda_dice=lambda_dice,
-        lambda_ce=lambda_ce, label_smoothing=label_smoothing, validate=validate,
-    )  # fmt: skip
-
-
-def _generalized_dice_plus_loss(
-    input: torch.Tensor, target: torch.Tensor, *, weight: torch.Tensor | None, **o
-) -> torch.Tensor:
+    o = _options(GeneralizedDiceOptions, options, kwargs)
     with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to
-        return _generalized_dice_from_parts(*_loss_parts(input, target, weight, o), o)
+        terms, vol, dice_w, ce = _loss_parts(input, target, _weight(weight), o)
+        if o.batch:
+            terms, vol = DiceTerms(*(t.sum(0) for t in terms)), vol.sum(0)
+        f = generalized_dice_from_terms(
+            terms, vol, w_type=o.w_type, absent_weight=o.absent_weight, static_weight=dice_w,
+            normalize_weights=o.normalize_weights, smooth_nr=o.smooth_nr, smooth_dr=o.smooth_dr, jaccard=o.jaccard,
+            tversky=o.tversky,
+        )  # fmt: skip
+        return _combine(reduce_loss(f, o.reduction), ce, o.lambda_dice, o.lambda_ce)
 
 
-def _generalized_dice_from_parts(terms, vol, dice_w, ce, o) -> torch.Tensor:
-    if o["batch"]:
-        terms, vol = DiceTerms(*(t.sum(0) for t in terms)), vol.sum(0)
-    f = generalized_dice_from_terms(
-        terms, vol, w_type=o["w_type"], absent_weight=o["absent_weight"], static_weight=dice_w,
-        normalize_weights=o["normalize_weights"], smooth_nr=o["smooth_nr"], smooth_dr=o["smooth_dr"],
-        jaccard=o["jaccard"],
-    )  # fmt: skip
-    return _combine(reduce_loss(f, o["reduction"]), ce, o["lambda_dice"], o["lambda_ce"])
+_O = TypeVar("_O", bound=DiceOptions)
+
+
+def _options(cls: type[_O], options: _O | None, kwargs: dict) -> _O:
+    if options is None:
+        return cls(**kwargs)
+    if kwargs:
+        raise TypeError(f"give either `options` or option keywords, not both (got options and {sorted(kwargs)}).")
+    if not isinstance(options, cls):
+        raise TypeError(f"`options` must be a {cls.__name__}, got {type(options).__name__}.")
+    return options
+
+
+def _weight(weight: Sequence[float] | float | torch.Tensor | None) -> torch.Tensor | None:
+    return check_weight(weight, copy=False)

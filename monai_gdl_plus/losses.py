@@ -1,44 +1,107 @@
-"""Drop-in Dice-family losses for MONAI: thin ``nn.Module`` wrappers over :mod:`monai_gdl_plus.functional`."""
+"""Drop-in Dice-family losses for MONAI: thin ``nn.Module`` wrappers over :mod:`monai_gdl_plus.functional`.
+
+Two base classes take every term as an argument -- :class:`DicePlusLoss` (per-class Dice, Jaccard or Tversky) and
+:class:`GeneralizedDicePlusLoss` (class-weighted sums) -- and the other MONAI names are presets of them: MONAI's
+arguments in MONAI's positional order with MONAI's defaults, mapped onto the same options
+(:mod:`monai_gdl_plus.options`). Renaming ``monai.losses.<Name>Loss`` to ``monai_gdl_plus.<Name>PlusLoss`` keeps the
+value and the gradient.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+import inspect
+from typing import Any, ClassVar
 
 import torch
 from torch.nn.modules.loss import _Loss
 
 from monai_gdl_plus import functional as GF
+from monai_gdl_plus.options import DiceOptions, GeneralizedDiceOptions
 
-__all__ = ["DicePlusLoss", "GeneralizedDicePlusLoss"]
+__all__ = ["DiceCEPlusLoss", "DicePlusLoss", "GeneralizedDicePlusLoss", "TverskyPlusLoss"]
+
+_P = inspect.Parameter
 
 
 class _DiceFamilyLoss(_Loss):
-    """Shared construction: checks once, keeps ``weight`` as a buffer, shows its arguments in ``repr``."""
+    """Shared construction: arguments bound against the class's MONAI-ordered signature, checked once into the
+    options object, ``weight`` kept as a buffer; options readable as attributes (``loss.lambda_ce``)."""
 
+    options_class: ClassVar[type[DiceOptions]] = DiceOptions
+    function: ClassVar[Any] = staticmethod(GF.dice_plus_loss)
+    positional: ClassVar[tuple[str, ...]] = ()  # MONAI's positional order, in this class's argument names
+    defaults: ClassVar[dict[str, Any]] = {}  # this class's own arguments and defaults that differ from the options'
+    hidden: ClassVar[tuple[str, ...]] = ()  # option fields this class sets itself
+    __signature__: ClassVar[inspect.Signature]
+
+    options: DiceOptions
     class_weight: torch.Tensor | None
-    options: dict
 
-    def __init__(self, reduction: str, weight, options: dict) -> None:
-        super().__init__(reduction=reduction)
-        self.register_buffer("class_weight", GF.check_weight(weight))
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        fields = {f.name: f.default for f in dataclasses.fields(cls.options_class)}
+        fields["weight"] = None
+        known = {**fields, **cls.defaults}
+        params = [_P(n, _P.POSITIONAL_OR_KEYWORD, default=known[n]) for n in cls.positional]
+        rest = [n for n in known if n not in cls.positional and n not in cls.hidden]
+        params += [_P(n, _P.KEYWORD_ONLY, default=known[n]) for n in rest]
+        cls.__signature__ = inspect.Signature(params)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            bound = self.__signature__.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{type(self).__name__}: {e} (arguments: {self.__signature__}).") from None
+        bound.apply_defaults()
+        values = self._to_options(dict(bound.arguments))
+        weight = values.pop("weight")
+        options = self.options_class(**values)
+        super().__init__(reduction=options.reduction)
         self.options = options
+        self.register_buffer("class_weight", GF.check_weight(weight))
+
+    @classmethod
+    def _to_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """This class's argument names to the options' (presets rename some)."""
+        return values
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of ``input`` (logits or probabilities) against ``target``; see the class docstring for shapes."""
+        return type(self).function(input, target, self.options, weight=self.class_weight)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            options = self.__dict__.get("options")
+            if options is not None and name in {f.name for f in dataclasses.fields(options)}:
+                return getattr(options, name)
+            raise
 
     def extra_repr(self) -> str:
-        shown = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        return shown if self.class_weight is None else f"{shown}, weight={self.class_weight.tolist()}"
+        shown = self.options.shown()
+        if self.class_weight is None:
+            return shown
+        return f"{shown}, weight={self.class_weight.tolist()}" if shown else f"weight={self.class_weight.tolist()}"
+
+
+_DICE_ORDER = ("include_background", "to_onehot_y", "sigmoid", "softmax", "other_act")
 
 
 class DicePlusLoss(_DiceFamilyLoss):
-    """Dice loss (Milletari et al. 2016), a drop-in for ``monai.losses.DiceLoss`` and ``DiceCELoss``.
+    """Dice loss (Milletari et al. 2016), a drop-in for ``monai.losses.DiceLoss``.
 
     Per sample and class: ``1 - (2 sum(p g) + smooth_nr) / (sum(p) + sum(g) + smooth_dr)`` (``sum(p**2) + sum(g**2)``
-    with ``squared_pred``; Jaccard ``1 - (2I + smooth_nr) / (2(D - I) + smooth_dr)`` with ``jaccard``), optionally
-    ``lambda_dice * dice + lambda_ce * CE``.
+    with ``squared_pred``; Jaccard ``1 - (2I + smooth_nr) / (2(D - I) + smooth_dr)`` with ``jaccard``; Tversky with
+    ``tversky``), optionally ``lambda_dice * dice + lambda_ce * CE``.
 
     With MONAI's arguments the value and gradient equal MONAI's ``DiceLoss`` (``lambda_ce=0``) or ``DiceCELoss``,
     except for the documented departures: a non-binary dense target without ``soft_label`` is a ValueError;
     ``ignore_index`` in [0, C) also drops that class's channel; with ``sigmoid=True`` and C > 1 the CE term is
     per-channel BCE-with-logits; ``reduction="none"`` returns per-class values (not a broadcastable B×C×1×…).
+
+    Positional arguments in ``DiceLoss``'s order; every argument is also an attribute (``loss.lambda_ce``).
 
     Args:
         include_background: keep channel 0 in the Dice sums.
@@ -63,6 +126,9 @@ class DicePlusLoss(_DiceFamilyLoss):
         lambda_ce: weight of the cross-entropy term (softmax CE with class ``weight``, or BCE-with-logits with
             ``pos_weight=weight`` for sigmoid / one channel), computed from the same logits. 0 skips it.
         label_smoothing: CE label smoothing in [0, 1].
+        tversky: ``(alpha, beta)``: the Tversky loss (Salehi et al. 2017)
+            ``1 - (I + smooth_nr) / (I + alpha FP + beta FN + smooth_dr)``, ``FP = P - I``, ``FN = G - I``, instead of
+            Dice (not with ``jaccard`` or ``squared_pred``); :class:`TverskyPlusLoss` is the preset.
         validate: run every value check even on an accelerator (synchronising), and scan ``input`` for NaN/Inf.
 
     Shapes:
@@ -80,45 +146,53 @@ class DicePlusLoss(_DiceFamilyLoss):
         True
     """
 
-    def __init__(
-        self,
-        include_background: bool = True,
-        to_onehot_y: bool = False,
-        sigmoid: bool = False,
-        softmax: bool = False,
-        other_act: Callable | None = None,
-        squared_pred: bool = False,
-        jaccard: bool = False,
-        reduction: str = "mean",
-        smooth_nr: float = 1e-5,
-        smooth_dr: float = 1e-5,
-        batch: bool = False,
-        weight: Sequence[float] | float | int | torch.Tensor | None = None,
-        soft_label: bool = False,
-        ignore_index: int | None = None,
-        *,
-        lambda_dice: float = 1.0,
-        lambda_ce: float = 0.0,
-        label_smoothing: float = 0.0,
-        validate: bool = False,
-    ) -> None:
-        opts = GF.check_args(
-            sigmoid=sigmoid, softmax=softmax, other_act=other_act, reduction=reduction, smooth_nr=smooth_nr,
-            smooth_dr=smooth_dr, lambda_dice=lambda_dice, lambda_ce=lambda_ce, label_smoothing=label_smoothing,
-            ignore_index=ignore_index,
-        )  # fmt: skip
-        options = dict(
-            include_background=bool(include_background), to_onehot_y=bool(to_onehot_y), sigmoid=bool(sigmoid),
-            softmax=bool(softmax), other_act=other_act, squared_pred=bool(squared_pred), jaccard=bool(jaccard),
-            reduction=opts["reduction"], smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr), batch=bool(batch),
-            soft_label=bool(soft_label), ignore_index=ignore_index, lambda_dice=float(lambda_dice),
-            lambda_ce=float(lambda_ce), label_smoothing=float(label_smoothing), validate=bool(validate),
-        )  # fmt: skip
-        super().__init__(opts["reduction"], weight, options)
+    positional: ClassVar[tuple[str, ...]] = (
+        *_DICE_ORDER, "squared_pred", "jaccard", "reduction", "smooth_nr", "smooth_dr", "batch", "weight",
+        "soft_label", "ignore_index",
+    )  # fmt: skip
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Loss of ``input`` (logits or probabilities) against ``target``; see the class docstring for shapes."""
-        return GF._dice_plus_loss(input, target, weight=self.class_weight, **self.options)
+
+class DiceCEPlusLoss(DicePlusLoss):
+    """``DicePlusLoss`` with ``monai.losses.DiceCELoss``'s arguments, order and defaults (``lambda_ce=1``).
+
+    ``lambda_dice * Dice + lambda_ce * CE``; every :class:`DicePlusLoss` extension is a keyword argument. As in
+    ``DiceCELoss``, ``weight`` has one value per class (CE uses all; Dice drops the first without background).
+
+    Example:
+        >>> loss = DiceCEPlusLoss(to_onehot_y=True, softmax=True)  # was monai.losses.DiceCELoss(...)
+        >>> (loss.lambda_dice, loss.lambda_ce)
+        (1.0, 1.0)
+    """
+
+    positional = (*_DICE_ORDER, "squared_pred", "jaccard", "reduction", "smooth_nr", "smooth_dr", "batch", "weight",
+                  "lambda_dice", "lambda_ce", "label_smoothing")  # fmt: skip
+    defaults = {"lambda_ce": 1.0}
+
+
+class TverskyPlusLoss(DicePlusLoss):
+    """Tversky loss (Salehi et al. 2017), a drop-in for ``monai.losses.TverskyLoss``: ``DicePlusLoss`` with
+    ``tversky=(alpha, beta)``.
+
+    Per sample and class ``1 - (I + smooth_nr) / (I + alpha FP + beta FN + smooth_dr)`` with ``I = sum(p g)``,
+    ``FP = sum(p) - I`` (false positives) and ``FN = sum(g) - I`` (false negatives); ``alpha = beta = 0.5`` is Dice.
+    Every :class:`DicePlusLoss` extension but ``jaccard`` and ``squared_pred`` is a keyword argument (``weight``,
+    ``lambda_ce``, ...). ``reduction="none"`` returns (B, C') as MONAI's does.
+
+    Example:
+        >>> loss = TverskyPlusLoss(to_onehot_y=True, softmax=True, alpha=0.3, beta=0.7)
+        >>> loss.tversky
+        (0.3, 0.7)
+    """
+
+    positional = (*_DICE_ORDER, "alpha", "beta", "reduction", "smooth_nr", "smooth_dr", "batch", "soft_label",
+                  "ignore_index")  # fmt: skip
+    defaults = {"alpha": 0.5, "beta": 0.5}
+    hidden = ("tversky", "jaccard", "squared_pred")
+
+    @classmethod
+    def _to_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        values["tversky"] = (values.pop("alpha"), values.pop("beta"))
+        return values
 
 
 class GeneralizedDicePlusLoss(_DiceFamilyLoss):
@@ -139,12 +213,16 @@ class GeneralizedDicePlusLoss(_DiceFamilyLoss):
     for one confidently wrong voxel, towards 1 for more, with gradient ``1 / (S + 1)**2`` (MONAI returns 0 with
     zero gradient there, and any Dice form saturates with a vanishing gradient).
 
+    Positional arguments in ``GeneralizedDiceLoss``'s order; every argument is also an attribute.
+
     Args:
         include_background, to_onehot_y, sigmoid, softmax, other_act, reduction, smooth_nr, smooth_dr, batch,
             soft_label: as in ``monai.losses.GeneralizedDiceLoss``.
         w_type: ``"square"`` (default), ``"simple"`` or ``"uniform"``.
         squared_pred: squared denominator ``sum(p**2) + sum(g**2)`` (weights still use ``V = sum(g)``).
         jaccard: generalised soft IoU instead of Dice.
+        tversky: ``(alpha, beta)``: generalised Tversky, the class weights applied to ``I``, ``FP`` and ``FN``:
+            ``1 - (sum_c w_c I_c + nr) / (sum_c w_c (I_c + alpha FP_c + beta FN_c) + dr)``.
         weight: static class weights multiplying the volume weights (same length rules as :class:`DicePlusLoss`),
             and CE/BCE class weights.
         ignore_index: as in :class:`DicePlusLoss`.
@@ -157,47 +235,6 @@ class GeneralizedDicePlusLoss(_DiceFamilyLoss):
         Output: scalar; with ``reduction="none"`` (B,), or 0-d with ``batch=True``.
     """
 
-    def __init__(
-        self,
-        include_background: bool = True,
-        to_onehot_y: bool = False,
-        sigmoid: bool = False,
-        softmax: bool = False,
-        other_act: Callable | None = None,
-        w_type: str = "square",
-        reduction: str = "mean",
-        smooth_nr: float = 1e-5,
-        smooth_dr: float = 1e-5,
-        batch: bool = False,
-        soft_label: bool = False,
-        *,
-        squared_pred: bool = False,
-        jaccard: bool = False,
-        weight: Sequence[float] | float | int | torch.Tensor | None = None,
-        ignore_index: int | None = None,
-        absent_weight: str | float = "max",
-        normalize_weights: bool = True,
-        lambda_dice: float = 1.0,
-        lambda_ce: float = 0.0,
-        label_smoothing: float = 0.0,
-        validate: bool = False,
-    ) -> None:
-        opts = GF.check_args(
-            sigmoid=sigmoid, softmax=softmax, other_act=other_act, reduction=reduction, smooth_nr=smooth_nr,
-            smooth_dr=smooth_dr, lambda_dice=lambda_dice, lambda_ce=lambda_ce, label_smoothing=label_smoothing,
-            ignore_index=ignore_index, w_type=w_type, absent_weight=absent_weight,
-        )  # fmt: skip
-        options = dict(
-            include_background=bool(include_background), to_onehot_y=bool(to_onehot_y), sigmoid=bool(sigmoid),
-            softmax=bool(softmax), other_act=other_act, w_type=opts["w_type"], reduction=opts["reduction"],
-            smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr), batch=bool(batch), soft_label=bool(soft_label),
-            squared_pred=bool(squared_pred), jaccard=bool(jaccard), ignore_index=ignore_index,
-            absent_weight=opts["absent_weight"], normalize_weights=bool(normalize_weights),
-            lambda_dice=float(lambda_dice), lambda_ce=float(lambda_ce), label_smoothing=float(label_smoothing),
-            validate=bool(validate),
-        )  # fmt: skip
-        super().__init__(opts["reduction"], weight, options)
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Loss of ``input`` (logits or probabilities) against ``target``; see the class docstring for shapes."""
-        return GF._generalized_dice_plus_loss(input, target, weight=self.class_weight, **self.options)
+    options_class = GeneralizedDiceOptions
+    function = staticmethod(GF.generalized_dice_plus_loss)
+    positional = (*_DICE_ORDER, "w_type", "reduction", "smooth_nr", "smooth_dr", "batch", "soft_label")

@@ -227,6 +227,22 @@ def cross_entropy(
     return total / count
 
 
+def tversky_terms(p: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Salehi et al. 2017 per (sample, class): true positives sum(p g), false positives sum(p (1 - g)), false
+    negatives sum((1 - p) g), with a Python loop over both axes; masked voxels (p = g = 0) add nothing."""
+    b, c = p.shape[:2]
+    tp, fp, fn = (torch.zeros(b, c, dtype=p.dtype) for _ in range(3))
+    for i in range(b):
+        for k in range(c):
+            pk, gk = p[i, k], g[i, k].to(p.dtype)
+            tp[i, k], fp[i, k], fn[i, k] = (pk * gk).sum(), (pk * (1 - gk)).sum(), ((1 - pk) * gk).sum()
+    return tp, fp, fn
+
+
+def _tversky(tp, fp, fn, alpha: float, beta: float, smooth_nr: float, smooth_dr: float):
+    return 1.0 - (tp + smooth_nr) / (tp + alpha * fp + beta * fn + smooth_dr)
+
+
 def _reduce(f: torch.Tensor, reduction: str) -> torch.Tensor:
     return {"mean": f.mean, "sum": f.sum, "none": lambda: f}[reduction]()
 
@@ -250,21 +266,27 @@ def dice_loss(
     ignore_index: int | None = None,
     lambda_dice: float = 1.0,
     lambda_ce: float = 0.0,
+    tversky: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """Reference Dice (+ CE). ``reduction="none"`` gives (B, C') or (C',) with ``batch``."""
+    """Reference Dice or Tversky (+ CE). ``reduction="none"`` gives (B, C') or (C',) with ``batch``."""
     c = input.shape[1]
     p, g, mask, keep, labels = prepare(
         input, target, include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
         softmax=softmax, other_act=other_act, ignore_index=ignore_index,
     )  # fmt: skip
     inter, psum, gsum = terms(p, g, squared_pred)
+    tp, fp, fn = tversky_terms(p, g)
     if batch:
         inter, psum, gsum = inter.sum(0, keepdim=True), psum.sum(0, keepdim=True), gsum.sum(0, keepdim=True)
+        tp, fp, fn = tp.sum(0, keepdim=True), fp.sum(0, keepdim=True), fn.sum(0, keepdim=True)
     full_w = _full_weight(weight, c, include_background)
     f = torch.zeros(inter.shape[0], len(keep), dtype=torch.float64)
     for i in range(inter.shape[0]):
         for j, k in enumerate(keep):
-            f[i, j] = _ratio(inter[i, k], psum[i, k] + gsum[i, k], smooth_nr, smooth_dr, jaccard)
+            if tversky is not None:
+                f[i, j] = _tversky(tp[i, k], fp[i, k], fn[i, k], *tversky, smooth_nr, smooth_dr)
+            else:
+                f[i, j] = _ratio(inter[i, k], psum[i, k] + gsum[i, k], smooth_nr, smooth_dr, jaccard)
             # MONAI's rule: no class weight when one class is scored, counted before an in-range ignore drop
             if full_w is not None and (c if include_background or c == 1 else c - 1) != 1:
                 f[i, j] = f[i, j] * full_w[k]
@@ -298,8 +320,10 @@ def generalized_dice_loss(
     normalize_weights: bool = True,
     lambda_dice: float = 1.0,
     lambda_ce: float = 0.0,
+    tversky: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """Reference Generalised Dice (+ CE). ``reduction="none"`` gives (B,) or a 0-d tensor with ``batch``."""
+    """Reference Generalised Dice or generalised Tversky (the class weights on TP, FP and FN) (+ CE).
+    ``reduction="none"`` gives (B,) or a 0-d tensor with ``batch``."""
     c = input.shape[1]
     p, g, mask, keep, labels = prepare(
         input, target, include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
@@ -307,8 +331,9 @@ def generalized_dice_loss(
     )  # fmt: skip
     inter, psum, gsum = terms(p, g, squared_pred)
     _, _, vol = terms(p, g, False)  # weights always use the linear volume sum(g)
+    tp, fp, fn = tversky_terms(p, g)
     if batch:
-        inter, psum, gsum, vol = (t.sum(0, keepdim=True) for t in (inter, psum, gsum, vol))
+        inter, psum, gsum, vol, tp, fp, fn = (t.sum(0, keepdim=True) for t in (inter, psum, gsum, vol, tp, fp, fn))
     full_w = _full_weight(weight, c, include_background)
     static = None if full_w is None else [float(full_w[k]) for k in keep]
     f = torch.zeros(inter.shape[0], dtype=torch.float64)
@@ -317,6 +342,9 @@ def generalized_dice_loss(
         num = sum(w[j] * inter[i, k] for j, k in enumerate(keep))
         den = sum(w[j] * (psum[i, k] + gsum[i, k]) for j, k in enumerate(keep))
         f[i] = _ratio(num, den, smooth_nr, smooth_dr, jaccard)
+        if tversky is not None:
+            wtp, wfp, wfn = (sum(w[j] * t[i, k] for j, k in enumerate(keep)) for t in (tp, fp, fn))
+            f[i] = _tversky(wtp, wfp, wfn, *tversky, smooth_nr, smooth_dr)
         if not any(float(vol[i, k]) > 0 for k in keep):
             # empty rule: the soft count of false-positive voxels S against one voxel, S / (S + 1)
             s_fp = sum(psum[i, k] for k in keep)

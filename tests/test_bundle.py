@@ -54,13 +54,13 @@ def test_shipped_files_exist_and_parse():
 def test_default_loss_resolves_to_gdl_plus_ce():
     loss = _parser().get_parsed_content("loss")
     assert isinstance(loss, GeneralizedDicePlusLoss)
-    assert loss.options["w_type"] == "square" and loss.options["lambda_ce"] == 1.0
-    assert loss.options["to_onehot_y"] and loss.options["softmax"]
+    assert loss.w_type == "square" and loss.lambda_ce == 1.0
+    assert loss.to_onehot_y and loss.softmax
 
 
 def test_variant_by_override():
     loss = _parser(**{"loss#w_type": "simple", "loss#lambda_ce": 0.0}).get_parsed_content("loss")
-    assert loss.options["w_type"] == "simple" and loss.options["lambda_ce"] == 0.0
+    assert loss.w_type == "simple" and loss.lambda_ce == 0.0
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_model_zoo_dicece_config_with_only_target_changed(ours):
     reference = ConfigParser(config).get_parsed_content("loss")
     config["loss"]["_target_"] = ours
     loss = ConfigParser(config).get_parsed_content("loss")
-    assert loss.options["squared_pred"] and loss.options["batch"] and loss.options["lambda_ce"] == 0.5
+    assert loss.squared_pred and loss.batch and loss.lambda_ce == 0.5
     logits, labels = _tiny_case(num_classes=2)
     value = loss(logits, labels)
     assert torch.isfinite(value) and value.ndim == 0
@@ -150,7 +150,7 @@ def test_name_resolution_in_a_fresh_interpreter():
 
         loss_cfg = {"_target_": "GeneralizedDicePlusLoss", "w_type": "simple"}
         loss = ConfigParser({"imports": ["$import monai_gdl_plus"], "loss": loss_cfg}).get_parsed_content("loss")
-        print("short-with-imports:", type(loss).__module__, type(loss).__name__, loss.options["w_type"])
+        print("short-with-imports:", type(loss).__module__, type(loss).__name__, loss.w_type)
         """
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)

@@ -6,6 +6,7 @@ formula-by-formula code in ``tests/reference.py`` for the extensions. Run with `
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import math
@@ -23,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from monai.data import MetaTensor
 
-from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss, fused
+from monai_gdl_plus import DiceCEPlusLoss, DicePlusLoss, GeneralizedDicePlusLoss, TverskyPlusLoss, fused
 from monai_gdl_plus.functional import per_class_terms
 
 SHAPES = {"3d": (2, 4, 6, 6, 6), "2d": (2, 3, 8, 8)}
@@ -138,7 +139,7 @@ def _dice_ce_case(include_background, target_kind, weighted, lambdas, squared_pr
     kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", softmax=True,
               squared_pred=squared_pred, jaccard=jaccard, batch=batch, reduction=reduction, lambda_dice=lambda_dice,
               lambda_ce=lambda_ce, weight=_class_weight(c, dtype) if weighted else None)  # fmt: skip
-    return DicePlusLoss(**kw), ML.DiceCELoss(**kw), x, _target(labels, c, target_kind)
+    return DiceCEPlusLoss(**kw), ML.DiceCELoss(**kw), x, _target(labels, c, target_kind)
 
 
 @pytest.mark.parametrize("row", DICE_CE_GRID, ids=_row_id)
@@ -157,6 +158,28 @@ def test_dice_ce_one_channel_sigmoid_matches_monai(make_case, parity_record, wei
     kw = dict(sigmoid=True, squared_pred=squared_pred, reduction=reduction, lambda_ce=0.6,
               weight=torch.tensor([1.7], dtype=torch.float64) if weighted else None)  # fmt: skip
     _assert_parity(parity_record, "DiceCELoss 1-channel BCE", DicePlusLoss(**kw), ML.DiceCELoss(**kw), x, y)
+
+
+TVERSKY_GRID = list(
+    itertools.product(SHAPES, (True, False), ACTS, ("label", "onehot"), ((0.5, 0.5), (0.3, 0.7), (0.9, 0.2)),
+                      (False, True), (None, 255), REDUCTIONS)
+)  # fmt: skip
+
+
+def _tversky_case(dims, include_background, act, target_kind, alpha_beta, batch, ignore_index, reduction,
+                  dtype=torch.float64):  # fmt: skip
+    """(ours, MONAI's, logits, target) of one TVERSKY_GRID row."""
+    x, labels = _make_case(SHAPES[dims], dtype=dtype)
+    labels = labels if ignore_index is None else _with_ignored(labels, ignore_index)
+    alpha, beta = alpha_beta
+    kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", alpha=alpha, beta=beta,
+              batch=batch, ignore_index=ignore_index, reduction=reduction, **ACTS[act])  # fmt: skip
+    return TverskyPlusLoss(**kw), ML.TverskyLoss(**kw), x, _target(labels, x.shape[1], target_kind)
+
+
+@pytest.mark.parametrize("row", TVERSKY_GRID, ids=_row_id)
+def test_tversky_matches_monai_tversky_loss(parity_record, row):
+    _assert_parity(parity_record, "TverskyLoss", *_tversky_case(*row))
 
 
 GDL_GRID = list(
@@ -214,7 +237,7 @@ def test_float32_parity_spot_checks(make_case, parity_record, name, ours, theirs
     x, labels = make_case(SHAPES["3d"], dtype=torch.float32)
     if "255" in name:
         labels = _with_ignored(labels, 255)
-    y = labels if ours.options["to_onehot_y"] else R.one_hot(labels[:, 0], 4, torch.float32)
+    y = labels if ours.to_onehot_y else R.one_hot(labels[:, 0], 4, torch.float32)
     _assert_parity(parity_record, "float32 spot checks", ours, theirs, x, y)
 
 
@@ -275,6 +298,7 @@ PARITY_GRIDS = {
     "DiceLoss weight/ignore_index": (DICE_WEIGHT_IGNORE_GRID, _dice_weight_ignore_case),
     "DiceCELoss": (DICE_CE_GRID, _dice_ce_case),
     "GeneralizedDiceLoss": (GDL_GRID, _gdl_case),
+    "TverskyLoss": (TVERSKY_GRID, _tversky_case),
 }
 # MONAI arguments the grids leave at their defaults: each has a test of its own above or below (DiceCELoss's
 # sigmoid: test_dice_ce_one_channel_sigmoid_matches_monai; with C > 1 our BCE term is a documented departure)
@@ -285,8 +309,8 @@ _VARIED_ELSEWHERE_BY_CLASS = {"DiceCELoss": {"sigmoid", "softmax"}}
 @pytest.mark.parametrize(
     "monai_cls,families",
     [(ML.DiceLoss, ["DiceLoss", "DiceLoss weight/ignore_index"]), (ML.DiceCELoss, ["DiceCELoss"]),
-     (ML.GeneralizedDiceLoss, ["GeneralizedDiceLoss"])],
-    ids=["DiceLoss", "DiceCELoss", "GeneralizedDiceLoss"],
+     (ML.GeneralizedDiceLoss, ["GeneralizedDiceLoss"]), (ML.TverskyLoss, ["TverskyLoss"])],
+    ids=["DiceLoss", "DiceCELoss", "GeneralizedDiceLoss", "TverskyLoss"],
 )  # fmt: skip
 def test_parity_grids_vary_every_monai_argument(monai_cls, families):
     """Every argument of the MONAI class takes at least two values across its grids (a grid that stops varying an
@@ -297,7 +321,9 @@ def test_parity_grids_vary_every_monai_argument(monai_cls, families):
         for row in grid:
             ours = build(*row)[0]
             weight = None if ours.class_weight is None else tuple(ours.class_weight.reshape(-1).tolist())
-            for name, value in {**ours.options, "weight": weight}.items():
+            alpha, beta = ours.tversky or (None, None)
+            values = {**dataclasses.asdict(ours.options), "weight": weight, "alpha": alpha, "beta": beta}
+            for name, value in values.items():
                 seen.setdefault(name, set()).add(value)
     args = set(inspect.signature(monai_cls.__init__).parameters) - {"self"} - _VARIED_ELSEWHERE
     args -= _VARIED_ELSEWHERE_BY_CLASS.get(monai_cls.__name__, set())
@@ -365,6 +391,101 @@ def test_parity_grids_under_autocast(autocast_record, family, dtype):
         if not ok:
             failures.append((row, dev))
     assert not failures, f"{len(failures)} of {len(grid)} rows off under autocast, first: {failures[:3]}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1c. the family by name: each preset takes its MONAI class's arguments in MONAI's order, with MONAI's defaults
+# --------------------------------------------------------------------------------------------------------------------
+
+FAMILY = [
+    (DicePlusLoss, ML.DiceLoss),
+    (DiceCEPlusLoss, ML.DiceCELoss),
+    (GeneralizedDicePlusLoss, ML.GeneralizedDiceLoss),
+    (TverskyPlusLoss, ML.TverskyLoss),
+]
+
+
+@pytest.mark.parametrize("ours,theirs", FAMILY, ids=lambda c: c.__name__)
+def test_signature_is_monai_s(ours, theirs):
+    """MONAI's positional arguments, in order, with the same names and defaults; our extensions keyword-only."""
+    monai_params = [p for n, p in inspect.signature(theirs.__init__).parameters.items() if n != "self"]
+    our_params = list(inspect.signature(ours).parameters.values())
+    assert [p.name for p in our_params[: len(monai_params)]] == [p.name for p in monai_params]
+    for mine, its in zip(our_params, monai_params):
+        default = its.default.value if hasattr(its.default, "value") else its.default  # MONAI's enum defaults
+        assert mine.default == default, (mine.name, mine.default, default)
+        assert mine.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in our_params[len(monai_params):])
+
+
+@pytest.mark.parametrize("ours,theirs", FAMILY, ids=lambda c: c.__name__)
+def test_positional_call_equals_monai(make_case, parity_record, ours, theirs):
+    """Positional arguments land where MONAI puts them (include_background=False, to_onehot_y=True, softmax)."""
+    x, labels = make_case(SHAPES["3d"])
+    args = (False, True, False, True)
+    kw = {"normalize_weights": False} if ours is GeneralizedDicePlusLoss else {}
+    _assert_parity(parity_record, "positional calls", ours(*args, **kw), theirs(*args), x, labels)
+
+
+def test_dice_ce_preset_keeps_monai_s_cross_entropy_default(make_case, parity_record):
+    """The model zoo's DiceCELoss bundles rely on lambda_ce=1 by default: renaming the class keeps the CE term."""
+    x, labels = make_case(SHAPES["3d"])
+    kw = dict(to_onehot_y=True, softmax=True, squared_pred=True, batch=True)
+    _assert_parity(parity_record, "DiceCELoss defaults", DiceCEPlusLoss(**kw), ML.DiceCELoss(**kw), x, labels)
+    assert DiceCEPlusLoss(**kw).lambda_ce == 1.0 and DicePlusLoss(**kw).lambda_ce == 0.0
+
+
+def test_options_are_attributes_and_in_repr():
+    loss = TverskyPlusLoss(to_onehot_y=True, softmax=True, alpha=0.2, beta=0.8, lambda_ce=0.5, weight=[1.0, 2.0])
+    assert (loss.to_onehot_y, loss.tversky, loss.lambda_ce, loss.reduction) == (True, (0.2, 0.8), 0.5, "mean")
+    assert repr(loss) == (
+        "TverskyPlusLoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, tversky=(0.2, 0.8), weight=[1.0, 2.0])"
+    )
+    with pytest.raises(AttributeError, match="lambda_cee"):
+        _ = loss.lambda_cee
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,error,match",
+    [
+        (DicePlusLoss, {"tversky": (0.5, 0.5), "jaccard": True}, ValueError, r"`tversky`.*jaccard=True"),
+        (GeneralizedDicePlusLoss, {"tversky": (0.5, 0.5), "squared_pred": True}, ValueError, "squared_pred=True"),
+        (DicePlusLoss, {"tversky": (0.5,)}, TypeError, r"`tversky` must be None or a pair \(alpha, beta\)"),
+        (TverskyPlusLoss, {"alpha": -0.1}, ValueError, r"`tversky\[0\] \(alpha\)` must be .*-0.1"),
+        (TverskyPlusLoss, {"jaccard": True}, TypeError, r"TverskyPlusLoss: .*'jaccard'"),
+        (DiceCEPlusLoss, {"lambda_gdl": 1.0}, TypeError, r"DiceCEPlusLoss: .*'lambda_gdl'"),
+    ],
+)
+def test_family_constructor_errors(cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls(**kwargs)
+
+
+TVERSKY_EXT_GRID = list(
+    itertools.product(("dice", "gdl"), ((0.3, 0.7), (1.0, 0.0)), (True, False), ("label", "onehot"),
+                      (None, 255, 2), (False, True), (None, "full"))
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("loss_name,alpha_beta,include_background,target_kind,ignore_index,batch,weight",
+                         TVERSKY_EXT_GRID)  # fmt: skip
+def test_tversky_and_generalised_tversky_match_reference(
+    make_case, loss_name, alpha_beta, include_background, target_kind, ignore_index, batch, weight
+):
+    """Salehi et al. 2017 from its per-class TP, FP, FN loops, with static weights, ignore_index (an in-range one
+    drops its channel) and batch; for GDL the class weights multiply TP, FP and FN (generalised Tversky)."""
+    x, labels = make_case(SHAPES["3d"])
+    c = x.shape[1]
+    labels = _with_ignored(labels, 255) if ignore_index == 255 else labels
+    kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", softmax=True,
+              tversky=alpha_beta, ignore_index=ignore_index, batch=batch, weight=_weight_for(weight, c),
+              reduction="none")  # fmt: skip
+    cls, fn = (DicePlusLoss, R.dice_loss) if loss_name == "dice" else (GeneralizedDicePlusLoss, R.generalized_dice_loss)
+
+    def ref(a, b):
+        return fn(a, b, **kw)
+
+    _assert_matches_reference(cls(**kw), ref, x, _target(labels, c, target_kind))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1290,7 +1411,7 @@ LABEL_PATH_LOSSES = [
 def test_label_map_path_calls_no_one_hot(make_case, monkeypatch, loss):
     x, labels = make_case(SHAPES["3d"])
     labels = _with_ignored(labels, 255)
-    if loss.options["ignore_index"] != 255:
+    if loss.ignore_index != 255:
         labels = labels.clamp_max(3)
     _forbid_one_hot(monkeypatch)
     loss(x, labels).backward()
@@ -1324,7 +1445,7 @@ class _DenseOneHotDetector(torch.utils._python_dispatch.TorchDispatchMode):
 def test_label_map_path_makes_no_dense_integer_or_scattered_tensor(make_case, loss):
     x, labels = make_case(SHAPES["3d"])
     labels = _with_ignored(labels, 255)
-    if loss.options["ignore_index"] != 255:
+    if loss.ignore_index != 255:
         labels = labels.clamp_max(3)
     with _DenseOneHotDetector(x.numel()) as forward:
         value = loss(x, labels)

@@ -1,0 +1,152 @@
+"""The options of the Dice-family losses: one frozen, typed, validated object per base loss.
+
+:class:`DiceOptions` holds every argument of :class:`~monai_gdl_plus.DicePlusLoss` but the static class ``weight``
+(a tensor: a buffer of the module); :class:`GeneralizedDiceOptions` adds the Generalised Dice ones. Both are checked
+once, at construction, and shared by the modules (:mod:`monai_gdl_plus.losses`) and the functions
+(:mod:`monai_gdl_plus.functional`), so an argument is declared, defaulted and validated in one place.
+
+Example:
+    >>> DiceOptions(softmax=True, lambda_ce=1.0).lambda_ce
+    1.0
+    >>> DiceOptions(reduction="meen")
+    Traceback (most recent call last):
+    ...
+    ValueError: `reduction` must be one of ('none', 'mean', 'sum'), got 'meen'. ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from monai.utils import look_up_option
+
+__all__ = [
+    "ABSENT_WEIGHTS",
+    "REDUCTIONS",
+    "W_TYPES",
+    "AbsentWeight",
+    "DiceOptions",
+    "GeneralizedDiceOptions",
+    "Reduction",
+    "WType",
+    "check_option",
+]
+
+REDUCTIONS = ("none", "mean", "sum")
+W_TYPES = ("square", "simple", "uniform")
+ABSENT_WEIGHTS = ("max", "zero")
+
+Reduction = Literal["none", "mean", "sum"]
+WType = Literal["square", "simple", "uniform"]
+AbsentWeight = Union[Literal["max", "zero"], float]
+
+
+def check_option(name: str, value: object, options: Sequence[str]) -> str:
+    """Return ``value`` as one of ``options`` or raise a ValueError naming the argument (with "did you mean")."""
+    try:
+        return str(look_up_option(value, options))
+    except ValueError as e:
+        raise ValueError(f"`{name}` must be one of {tuple(options)}, got {value!r}. {e}") from None
+
+
+def _number(name: str, value: object, low: float = 0.0, high: float | None = None) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
+    if not ok or (high is not None and value > high) or value == float("inf"):  # type: ignore[operator]
+        bound = f"in [{low}, {high}]" if high is not None else f"a finite number no less than {low}"
+        raise ValueError(f"`{name}` must be {bound}, got {value!r}.")
+    return float(value)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class DiceOptions:
+    """Every option of :class:`~monai_gdl_plus.DicePlusLoss` except ``weight``; see there for their meaning.
+
+    Raises:
+        ValueError / TypeError at construction, naming the argument, the expectation and the value received.
+    """
+
+    include_background: bool = True
+    to_onehot_y: bool = False
+    sigmoid: bool = False
+    softmax: bool = False
+    other_act: Callable | None = None
+    squared_pred: bool = False
+    jaccard: bool = False
+    reduction: Reduction = "mean"
+    smooth_nr: float = 1e-5
+    smooth_dr: float = 1e-5
+    batch: bool = False
+    soft_label: bool = False
+    ignore_index: int | None = None
+    lambda_dice: float = 1.0
+    lambda_ce: float = 0.0
+    label_smoothing: float = 0.0
+    tversky: tuple[float, float] | None = None
+    validate: bool = False
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        if self.other_act is not None and not callable(self.other_act):
+            raise TypeError(f"`other_act` must be None or callable, got {type(self.other_act).__name__}.")
+        if int(bool(self.sigmoid)) + int(bool(self.softmax)) + int(self.other_act is not None) > 1:
+            raise ValueError(
+                "`sigmoid`, `softmax` and `other_act` are mutually exclusive: got "
+                f"sigmoid={self.sigmoid}, softmax={self.softmax}, other_act={self.other_act!r}."
+            )
+        for f in dataclasses.fields(self):
+            if f.type == "bool":
+                put(f.name, bool(getattr(self, f.name)))
+        put("reduction", check_option("reduction", self.reduction, REDUCTIONS))
+        for name in ("smooth_nr", "smooth_dr", "lambda_dice", "lambda_ce"):
+            put(name, _number(name, getattr(self, name)))
+        put("label_smoothing", _number("label_smoothing", self.label_smoothing, 0.0, 1.0))
+        ii = self.ignore_index
+        if ii is not None and (isinstance(ii, bool) or not isinstance(ii, int)):
+            raise TypeError(f"`ignore_index` must be an int or None, got {ii!r}.")
+        if self.tversky is not None:
+            if not isinstance(self.tversky, Sequence) or isinstance(self.tversky, str) or len(self.tversky) != 2:
+                raise TypeError(f"`tversky` must be None or a pair (alpha, beta), got {self.tversky!r}.")
+            put("tversky", (_number("tversky[0] (alpha)", self.tversky[0]), _number("tversky[1] (beta)",
+                                                                                   self.tversky[1])))  # fmt: skip
+            if self.jaccard or self.squared_pred:
+                raise ValueError(
+                    "`tversky` replaces the Dice ratio and needs the linear sums: it cannot be combined with "
+                    f"jaccard={self.jaccard} or squared_pred={self.squared_pred}."
+                )
+        if self.lambda_ce > 0 and self.reduction == "none":
+            raise ValueError(
+                "`reduction='none'` cannot be combined with `lambda_ce` > 0: the cross-entropy term has no per-class "
+                f"value (got lambda_ce={self.lambda_ce}). Use reduction='mean' or 'sum', or lambda_ce=0."
+            )
+
+    def shown(self) -> str:
+        """``name=value`` for every option that differs from its default (for ``repr``)."""
+        changed = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in changed)
+
+
+@dataclass(frozen=True)
+class GeneralizedDiceOptions(DiceOptions):
+    """:class:`DiceOptions` plus the Generalised Dice options of :class:`~monai_gdl_plus.GeneralizedDicePlusLoss`."""
+
+    w_type: WType = "square"
+    absent_weight: AbsentWeight = "max"
+    normalize_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "w_type", check_option("w_type", self.w_type, W_TYPES))
+        aw = self.absent_weight
+        if isinstance(aw, bool):
+            raise TypeError(f"`absent_weight` must be 'max', 'zero' or a float, got {aw!r}.")
+        if isinstance(aw, (int, float)):
+            if not aw >= 0 or aw == float("inf"):
+                raise ValueError(f"`absent_weight` as a number must be finite and >= 0, got {aw!r}.")
+            object.__setattr__(self, "absent_weight", float(aw))
+        else:
+            object.__setattr__(self, "absent_weight", check_option("absent_weight", aw, ABSENT_WEIGHTS))
