@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from monai_gdl_plus import functional
 from monai_gdl_plus.handlers import PerClassDiceLogger
-from monai_gdl_plus.losses import DiceCEPlusLoss, DicePlusLoss, GeneralizedDicePlusLoss, TverskyPlusLoss
+from monai_gdl_plus.losses import (
+    DiceCEPlusLoss,
+    DiceFocalPlusLoss,
+    DicePlusLoss,
+    GeneralizedDiceFocalPlusLoss,
+    GeneralizedDicePlusLoss,
+    TverskyPlusLoss,
+)
 from monai_gdl_plus.metrics import PerClassDice
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DiceCEPlusLoss",
+    "DiceFocalPlusLoss",
     "DicePlusLoss",
+    "GeneralizedDiceFocalPlusLoss",
     "GeneralizedDicePlusLoss",
     "PerClassDice",
     "PerClassDiceLogger",

@@ -65,6 +65,8 @@ __all__ = [
     "gdl_weights",
     "reduce_loss",
     "cross_entropy_term",
+    "focal_sums",
+    "focal_from_sums",
     "dice_plus_loss",
     "generalized_dice_plus_loss",
 ]
@@ -787,15 +789,91 @@ def _bce_term(x: torch.Tensor, prep: Prepared, pos_weight: torch.Tensor | None, 
     return per_voxel.sum() / (count.clamp_min(1.0) if isinstance(count, torch.Tensor) else count)
 
 
+def _sigmoid_focal(x: torch.Tensor, positive: bool, gamma: float, alpha: float | None) -> torch.Tensor:
+    """Sigmoid focal loss of logits whose target is all 1 (``positive``) or all 0:
+    ``sigma(-+x)**gamma * softplus(+-x)``, times ``alpha`` or ``1 - alpha``."""
+    z = -x if positive else x
+    f = torch.exp(gamma * F.logsigmoid(z)) * F.softplus(z)
+    return f if alpha is None else f * (alpha if positive else 1.0 - alpha)
+
+
+def focal_sums(
+    input: torch.Tensor, prep: Prepared, *, gamma: float = 2.0, alpha: float | None = None, softmax: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Focal loss (Lin et al. 2017) of logits ``input`` summed per (sample, class) over the counted voxels, and the
+    number of counted voxels per sample, in MONAI ``FocalLoss``'s forms.
+
+    Sigmoid form (default; MONAI's ``DiceFocalLoss`` uses it whatever the Dice activation): per element
+    ``(1 - p_t)**gamma * BCE(x, t)`` with ``p = sigmoid(x)``, times ``alpha t + (1 - alpha)(1 - t)``. Softmax form:
+    ``-(1 - p_y)**gamma log p_y`` on the true class only, times ``1 - alpha`` (background) or ``alpha``. A label map
+    is never one-hot encoded: the sums over the negatives of every channel get a per-voxel correction at the true
+    class, added by a class histogram.
+
+    Returns:
+        (B, C) sums and (B,) counts, float32 or wider.
+    """
+    x = plain_tensor(input)
+    x = x.float() if x.dtype in _LOW_PRECISION else x
+    b, c = x.shape[:2]
+    x = x.reshape(b, c, -1)
+    m = prep.mask
+    count = torch.full((b,), x.shape[-1], dtype=x.dtype, device=x.device) if m is None else m.sum(-1).to(x.dtype)
+    if softmax:
+        logp = torch.log_softmax(x, 1)
+        if prep.labels is not None:
+            lp = logp.gather(1, prep.labels[:, None]).squeeze(1)
+            per_voxel = -((1.0 - lp.exp()) ** gamma) * lp
+            if alpha is not None:
+                per_voxel = per_voxel * torch.where(prep.labels == 0, 1.0 - alpha, alpha)
+            per_voxel = per_voxel if m is None else per_voxel * m
+            return class_sums(per_voxel, prep.labels, c).to(x.dtype), count
+        per_element = -((1.0 - logp.exp()) ** gamma) * logp * _dense(prep)
+        if alpha is not None:
+            per_element = per_element * torch.tensor([1.0 - alpha] + [alpha] * (c - 1), dtype=x.dtype).to(x)[:, None]
+    elif prep.labels is not None:
+        negatives = _sigmoid_focal(x, False, gamma, alpha)
+        negatives = negatives.sum(-1) if m is None else (negatives * m[:, None]).sum(-1)
+        xt = x.gather(1, prep.labels[:, None]).squeeze(1)
+        fix = _sigmoid_focal(xt, True, gamma, alpha) - _sigmoid_focal(xt, False, gamma, alpha)
+        fix = fix if m is None else fix * m
+        return negatives + class_sums(fix, prep.labels, c).to(x.dtype), count
+    else:
+        t = _dense(prep).to(x.dtype)
+        bce = F.softplus(x) - x * t
+        per_element = torch.exp(gamma * F.logsigmoid(-x * (2.0 * t - 1.0))) * bce
+        if alpha is not None:
+            per_element = per_element * (t * alpha + (1.0 - t) * (1.0 - alpha))
+    return (per_element if m is None else per_element * m[:, None]).sum(-1), count
+
+
+def focal_from_sums(
+    sums: torch.Tensor, count: torch.Tensor, weight: torch.Tensor | None, reduction: str
+) -> torch.Tensor:
+    """The focal term from :func:`focal_sums` of the kept classes, as MONAI's ``FocalLoss`` reduces it: ``"mean"``
+    over every (sample, class, counted voxel); ``"sum"`` of the per-(sample, class) means over voxels. ``weight``
+    multiplies each class."""
+    if weight is not None:
+        sums = sums * weight.to(sums)
+    if reduction == "sum":
+        return (sums / count[:, None].clamp_min(1.0)).sum()
+    return sums.sum() / (count.sum() * sums.shape[1]).clamp_min(1.0)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the two losses as functions
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def _loss_parts(
-    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, o: DiceOptions
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    o: DiceOptions,
+    focal_weight: torch.Tensor | None = None,
 ) -> tuple[DiceTerms, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Kept-channel terms, true volumes, static Dice weights and the CE value (None without ``lambda_ce``).
+    """Kept-channel terms, true volumes, static Dice weights and the per-voxel terms ``lambda_ce * CE +
+    lambda_focal * focal`` (None without them). The focal term's class weights are ``weight``'s unless
+    ``focal_weight`` is given.
 
     A label map with a softmax or sigmoid takes the fused one-hot-free path (:mod:`monai_gdl_plus.fused`, analytic
     in-place backward; a custom op under ``torch.compile``); everything else the plain autograd path.
@@ -807,6 +885,7 @@ def _loss_parts(
     )  # fmt: skip
     num_ch = x.shape[1]
     dice_w, ce_w = split_weight(weight, num_ch, o.include_background, prep.keep)
+    focal_w = dice_w if focal_weight is None else split_weight(focal_weight, num_ch, o.include_background, prep.keep)[0]
     if num_ch - (0 if o.include_background or num_ch == 1 else 1) == 1:
         dice_w = None  # as MONAI: no class weight on the Dice term when a single class is scored
     softmax = o.softmax and num_ch > 1
@@ -834,7 +913,16 @@ def _loss_parts(
             x, prep, sigmoid=o.sigmoid, ignore_index=o.ignore_index, class_weight=ce_w,
             label_smoothing=o.label_smoothing, reduction=o.reduction,
         )  # fmt: skip
-    return terms, vol, dice_w, ce
+    extra = None if ce is None else o.lambda_ce * ce
+    if o.lambda_focal > 0:
+        alpha = o.focal_alpha
+        if o.focal_softmax and alpha is not None and not o.include_background and num_ch > 1:
+            warnings.warn("`include_background=False`, scalar `alpha` ignored when using softmax.", stacklevel=3)
+            alpha = None  # as MONAI's FocalLoss(use_softmax=True)
+        sums, count = focal_sums(x, prep, gamma=o.gamma, alpha=alpha, softmax=o.focal_softmax)
+        fl = focal_from_sums(take_channels(sums, prep.keep, 1), count, focal_w, o.reduction)
+        extra = o.lambda_focal * fl if extra is None else extra + o.lambda_focal * fl
+    return terms, vol, dice_w, extra
 
 
 def take_channels(t: torch.Tensor, keep: tuple[int, ...], dim: int) -> torch.Tensor:
@@ -857,10 +945,10 @@ def _select(terms: DiceTerms, vol: torch.Tensor, keep: tuple[int, ...]) -> tuple
     return DiceTerms(*(take_channels(t, keep, 1) for t in terms)), take_channels(vol, keep, 1)
 
 
-def _combine(dice: torch.Tensor, ce: torch.Tensor | None, lambda_dice: float, lambda_ce: float) -> torch.Tensor:
-    if ce is None:
+def _combine(dice: torch.Tensor, extra: torch.Tensor | None, lambda_dice: float) -> torch.Tensor:
+    if extra is None:
         return dice if lambda_dice == 1.0 else lambda_dice * dice
-    return lambda_dice * dice + lambda_ce * ce
+    return lambda_dice * dice + extra
 
 
 def dice_plus_loss(
@@ -883,7 +971,7 @@ def dice_plus_loss(
     """
     o = _options(DiceOptions, options, kwargs)
     with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to
-        terms, _, dice_w, ce = _loss_parts(input, target, _weight(weight), o)
+        terms, _, dice_w, extra = _loss_parts(input, target, _weight(weight), o)
         if o.batch:
             terms = DiceTerms(*(t.sum(0) for t in terms))
         if o.tversky is not None:
@@ -892,7 +980,7 @@ def dice_plus_loss(
             f = dice_from_terms(terms, o.smooth_nr, o.smooth_dr, o.jaccard)
         if dice_w is not None:
             f = f * dice_w.to(f)
-        return _combine(reduce_loss(f, o.reduction), ce, o.lambda_dice, o.lambda_ce)
+        return _combine(reduce_loss(f, o.reduction), extra, o.lambda_dice)
 
 
 def generalized_dice_plus_loss(
@@ -901,6 +989,7 @@ def generalized_dice_plus_loss(
     options: GeneralizedDiceOptions | None = None,
     *,
     weight: Sequence[float] | float | torch.Tensor | None = None,
+    focal_weight: Sequence[float] | float | torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """Generalised Dice (or Tversky) loss, optionally plus cross entropy; see
@@ -910,13 +999,15 @@ def generalized_dice_plus_loss(
         input, target: as the module's ``forward``.
         options: a :class:`~monai_gdl_plus.options.GeneralizedDiceOptions`; or None and its fields as keywords.
         weight: static class weights (see the module).
+        focal_weight: class weights of the focal term alone (``weight`` then weighs only the GDL and CE terms), as
+            MONAI's ``GeneralizedDiceFocalLoss`` uses its ``weight``.
 
     Returns:
         a scalar for ``"mean"``/``"sum"``; for ``"none"`` one value per sample (B,), or 0-d with ``batch=True``.
     """
     o = _options(GeneralizedDiceOptions, options, kwargs)
     with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to
-        terms, vol, dice_w, ce = _loss_parts(input, target, _weight(weight), o)
+        terms, vol, dice_w, extra = _loss_parts(input, target, _weight(weight), o, _weight(focal_weight))
         if o.batch:
             terms, vol = DiceTerms(*(t.sum(0) for t in terms)), vol.sum(0)
         f = generalized_dice_from_terms(
@@ -924,7 +1015,7 @@ def generalized_dice_plus_loss(
             normalize_weights=o.normalize_weights, smooth_nr=o.smooth_nr, smooth_dr=o.smooth_dr, jaccard=o.jaccard,
             tversky=o.tversky,
         )  # fmt: skip
-        return _combine(reduce_loss(f, o.reduction), ce, o.lambda_dice, o.lambda_ce)
+        return _combine(reduce_loss(f, o.reduction), extra, o.lambda_dice)
 
 
 _O = TypeVar("_O", bound=DiceOptions)

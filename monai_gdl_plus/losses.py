@@ -19,7 +19,14 @@ from torch.nn.modules.loss import _Loss
 from monai_gdl_plus import functional as GF
 from monai_gdl_plus.options import DiceOptions, GeneralizedDiceOptions
 
-__all__ = ["DiceCEPlusLoss", "DicePlusLoss", "GeneralizedDicePlusLoss", "TverskyPlusLoss"]
+__all__ = [
+    "DiceCEPlusLoss",
+    "DiceFocalPlusLoss",
+    "DicePlusLoss",
+    "GeneralizedDiceFocalPlusLoss",
+    "GeneralizedDicePlusLoss",
+    "TverskyPlusLoss",
+]
 
 _P = inspect.Parameter
 
@@ -129,6 +136,15 @@ class DicePlusLoss(_DiceFamilyLoss):
         tversky: ``(alpha, beta)``: the Tversky loss (Salehi et al. 2017)
             ``1 - (I + smooth_nr) / (I + alpha FP + beta FN + smooth_dr)``, ``FP = P - I``, ``FN = G - I``, instead of
             Dice (not with ``jaccard`` or ``squared_pred``); :class:`TverskyPlusLoss` is the preset.
+        lambda_focal: weight of the focal term (Lin et al. 2017) computed from the same logits, in MONAI
+            ``FocalLoss``'s form as its ``DiceFocalLoss`` uses it: per element and class, sigmoid form
+            ``(1 - p_t)**gamma * BCE(x, t)`` whatever the Dice activation, class ``weight``, ignored voxels left out
+            (the mean is over counted voxels x kept classes); ``"sum"`` adds the per-(sample, class) means over
+            voxels, as MONAI does. 0 skips it; :class:`DiceFocalPlusLoss` is the preset.
+        gamma: focal exponent.
+        focal_alpha: alpha-balance of the focal term: ``alpha`` on positives, ``1 - alpha`` on negatives (softmax
+            form: ``1 - alpha`` on the background class, ``alpha`` on the others).
+        focal_softmax: the softmax form ``-(1 - p_y)**gamma log p_y`` instead (MONAI ``FocalLoss(use_softmax=True)``).
         validate: run every value check even on an accelerator (synchronising), and scan ``input`` for NaN/Inf.
 
     Shapes:
@@ -195,6 +211,31 @@ class TverskyPlusLoss(DicePlusLoss):
         return values
 
 
+class DiceFocalPlusLoss(DicePlusLoss):
+    """``DicePlusLoss`` with ``monai.losses.DiceFocalLoss``'s arguments, order and defaults: ``lambda_dice * Dice +
+    lambda_focal * Focal`` (``lambda_focal=1``, ``gamma=2``; ``alpha`` is the focal alpha-balance).
+
+    As in MONAI, the focal term takes the sigmoid form whatever ``softmax`` says (``focal_softmax=True`` gives the
+    softmax form), and ``weight`` weighs both terms, one value per kept class. Every :class:`DicePlusLoss`
+    extension is a keyword argument (``ignore_index`` applies to the focal term too).
+
+    Example:
+        >>> loss = DiceFocalPlusLoss(to_onehot_y=True, softmax=True, gamma=1.5)  # was monai.losses.DiceFocalLoss
+        >>> (loss.lambda_focal, loss.gamma, loss.focal_alpha)
+        (1.0, 1.5, None)
+    """
+
+    positional = (*_DICE_ORDER, "squared_pred", "jaccard", "reduction", "smooth_nr", "smooth_dr", "batch", "gamma",
+                  "weight", "lambda_dice", "lambda_focal", "alpha")  # fmt: skip
+    defaults = {"lambda_focal": 1.0, "alpha": None}
+    hidden = ("focal_alpha",)
+
+    @classmethod
+    def _to_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        values["focal_alpha"] = values.pop("alpha")
+        return values
+
+
 class GeneralizedDicePlusLoss(_DiceFamilyLoss):
     """Generalised Dice loss (Sudre et al. 2017), a drop-in for ``monai.losses.GeneralizedDiceLoss``.
 
@@ -238,3 +279,32 @@ class GeneralizedDicePlusLoss(_DiceFamilyLoss):
     options_class = GeneralizedDiceOptions
     function = staticmethod(GF.generalized_dice_plus_loss)
     positional = (*_DICE_ORDER, "w_type", "reduction", "smooth_nr", "smooth_dr", "batch", "soft_label")
+
+
+class GeneralizedDiceFocalPlusLoss(GeneralizedDicePlusLoss):
+    """``GeneralizedDicePlusLoss`` with ``monai.losses.GeneralizedDiceFocalLoss``'s arguments, order and defaults:
+    ``lambda_gdl * GDL + lambda_focal * Focal`` (``lambda_focal=1``, ``gamma=2``, sigmoid-form focal term).
+
+    As in MONAI, ``weight`` weighs the focal term only (the GDL weights stay volume-based; use
+    :class:`GeneralizedDicePlusLoss` with ``lambda_focal`` for static weights on both). Every
+    :class:`GeneralizedDicePlusLoss` extension is a keyword argument.
+
+    Example:
+        >>> loss = GeneralizedDiceFocalPlusLoss(to_onehot_y=True, softmax=True, lambda_gdl=0.5)
+        >>> (loss.lambda_dice, loss.lambda_focal)
+        (0.5, 1.0)
+    """
+
+    positional = (*_DICE_ORDER, "w_type", "reduction", "smooth_nr", "smooth_dr", "batch", "gamma", "weight",
+                  "lambda_gdl", "lambda_focal")  # fmt: skip
+    defaults = {"lambda_focal": 1.0, "lambda_gdl": 1.0}
+    hidden = ("lambda_dice",)
+
+    @classmethod
+    def _to_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        values["lambda_dice"] = values.pop("lambda_gdl")
+        return values
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of ``input`` (logits) against ``target``; ``weight`` goes to the focal term alone (MONAI's rule)."""
+        return GF.generalized_dice_plus_loss(input, target, self.options, focal_weight=self.class_weight)

@@ -85,6 +85,10 @@ class DiceOptions:
     lambda_ce: float = 0.0
     label_smoothing: float = 0.0
     tversky: tuple[float, float] | None = None
+    lambda_focal: float = 0.0
+    gamma: float = 2.0
+    focal_alpha: float | None = None
+    focal_softmax: bool = False
     validate: bool = False
 
     def __post_init__(self) -> None:
@@ -102,7 +106,7 @@ class DiceOptions:
             if f.type == "bool":
                 put(f.name, bool(getattr(self, f.name)))
         put("reduction", check_option("reduction", self.reduction, REDUCTIONS))
-        for name in ("smooth_nr", "smooth_dr", "lambda_dice", "lambda_ce"):
+        for name in ("smooth_nr", "smooth_dr", "lambda_dice", "lambda_ce", "lambda_focal", "gamma"):
             put(name, _number(name, getattr(self, name)))
         put("label_smoothing", _number("label_smoothing", self.label_smoothing, 0.0, 1.0))
         ii = self.ignore_index
@@ -118,11 +122,15 @@ class DiceOptions:
                     "`tversky` replaces the Dice ratio and needs the linear sums: it cannot be combined with "
                     f"jaccard={self.jaccard} or squared_pred={self.squared_pred}."
                 )
-        if self.lambda_ce > 0 and self.reduction == "none":
-            raise ValueError(
-                "`reduction='none'` cannot be combined with `lambda_ce` > 0: the cross-entropy term has no per-class "
-                f"value (got lambda_ce={self.lambda_ce}). Use reduction='mean' or 'sum', or lambda_ce=0."
-            )
+        if self.focal_alpha is not None:
+            put("focal_alpha", _number("focal_alpha", self.focal_alpha, 0.0, 1.0))
+        for name in ("lambda_ce", "lambda_focal"):
+            if getattr(self, name) > 0 and self.reduction == "none":
+                raise ValueError(
+                    f"`reduction='none'` cannot be combined with `{name}` > 0: that term is not a per-class value of "
+                    f"the Dice term's shape (got {name}={getattr(self, name)}). Use reduction='mean' or 'sum', or "
+                    f"{name}=0."
+                )
 
     def shown(self) -> str:
         """``name=value`` for every option that differs from its default (for ``repr``)."""

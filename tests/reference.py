@@ -243,6 +243,47 @@ def _tversky(tp, fp, fn, alpha: float, beta: float, smooth_nr: float, smooth_dr:
     return 1.0 - (tp + smooth_nr) / (tp + alpha * fp + beta * fn + smooth_dr)
 
 
+def focal_loss(
+    input: torch.Tensor,
+    g: torch.Tensor,
+    mask: torch.Tensor,
+    keep: list[int],
+    *,
+    gamma: float,
+    alpha: float | None,
+    softmax: bool,
+    class_weight: torch.Tensor | None,
+    reduction: str,
+) -> torch.Tensor:
+    """Lin et al. 2017, ``FL(p_t) = -alpha_t (1 - p_t)**gamma log(p_t)``, element by element in float64.
+
+    Sigmoid form: every (class, voxel) is a binary problem, ``p_t = p`` where ``g = 1`` and ``1 - p`` where ``g = 0``,
+    ``alpha_t = alpha`` or ``1 - alpha``. Softmax form: only the true class counts, ``p_t`` its softmax probability,
+    ``alpha_t = 1 - alpha`` for class 0 and ``alpha`` otherwise. Kept classes only, counted voxels only; ``"mean"``
+    over (sample, kept class, counted voxel), ``"sum"`` of the per-(sample, class) means over counted voxels.
+    """
+    b, c = input.shape[:2]
+    x = input.double().reshape(b, c, -1)
+    p = torch.softmax(x, 1) if softmax else torch.sigmoid(x)
+    sums = torch.zeros(b, len(keep), dtype=torch.float64)
+    for i in range(b):
+        for j, k in enumerate(keep):
+            for n in range(x.shape[2]):
+                if mask[i, n] == 0:
+                    continue
+                t = float(g[i, k, n])
+                if softmax and t == 0:
+                    continue
+                pt = p[i, k, n] if t == 1 else 1 - p[i, k, n]
+                a = 1.0 if alpha is None else (alpha if (k > 0 if softmax else t == 1) else 1 - alpha)
+                w = 1.0 if class_weight is None else float(class_weight[k])
+                sums[i, j] = sums[i, j] - w * a * (1 - pt) ** gamma * torch.log(pt)
+    counts = mask.sum(1)
+    if reduction == "sum":
+        return (sums / counts[:, None]).sum()
+    return sums.sum() / (counts.sum() * len(keep))
+
+
 def _reduce(f: torch.Tensor, reduction: str) -> torch.Tensor:
     return {"mean": f.mean, "sum": f.sum, "none": lambda: f}[reduction]()
 
@@ -267,6 +308,11 @@ def dice_loss(
     lambda_dice: float = 1.0,
     lambda_ce: float = 0.0,
     tversky: tuple[float, float] | None = None,
+    lambda_focal: float = 0.0,
+    gamma: float = 2.0,
+    focal_alpha: float | None = None,
+    focal_softmax: bool = False,
+    focal_weight=None,
 ) -> torch.Tensor:
     """Reference Dice or Tversky (+ CE). ``reduction="none"`` gives (B, C') or (C',) with ``batch``."""
     c = input.shape[1]
@@ -295,6 +341,10 @@ def dice_loss(
     out = lambda_dice * _reduce(f, reduction)
     if lambda_ce:
         out = out + lambda_ce * cross_entropy(input, g, mask, labels, sigmoid=sigmoid, class_weight=full_w)
+    if lambda_focal:
+        fw = full_w if focal_weight is None else _full_weight(focal_weight, c, include_background)
+        out = out + lambda_focal * focal_loss(input, g, mask, keep, gamma=gamma, alpha=focal_alpha,
+                                              softmax=focal_softmax, class_weight=fw, reduction=reduction)  # fmt: skip
     return out
 
 
@@ -321,6 +371,11 @@ def generalized_dice_loss(
     lambda_dice: float = 1.0,
     lambda_ce: float = 0.0,
     tversky: tuple[float, float] | None = None,
+    lambda_focal: float = 0.0,
+    gamma: float = 2.0,
+    focal_alpha: float | None = None,
+    focal_softmax: bool = False,
+    focal_weight=None,
 ) -> torch.Tensor:
     """Reference Generalised Dice or generalised Tversky (the class weights on TP, FP and FN) (+ CE).
     ``reduction="none"`` gives (B,) or a 0-d tensor with ``batch``."""
@@ -354,4 +409,8 @@ def generalized_dice_loss(
     out = lambda_dice * _reduce(f, reduction)
     if lambda_ce:
         out = out + lambda_ce * cross_entropy(input, g, mask, labels, sigmoid=sigmoid, class_weight=full_w)
+    if lambda_focal:
+        fw = full_w if focal_weight is None else _full_weight(focal_weight, c, include_background)
+        out = out + lambda_focal * focal_loss(input, g, mask, keep, gamma=gamma, alpha=focal_alpha,
+                                              softmax=focal_softmax, class_weight=fw, reduction=reduction)  # fmt: skip
     return out

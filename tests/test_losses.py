@@ -24,7 +24,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from monai.data import MetaTensor
 
-from monai_gdl_plus import DiceCEPlusLoss, DicePlusLoss, GeneralizedDicePlusLoss, TverskyPlusLoss, fused
+from monai_gdl_plus import (
+    DiceCEPlusLoss,
+    DiceFocalPlusLoss,
+    DicePlusLoss,
+    GeneralizedDiceFocalPlusLoss,
+    GeneralizedDicePlusLoss,
+    TverskyPlusLoss,
+    fused,
+)
 from monai_gdl_plus.functional import per_class_terms
 
 SHAPES = {"3d": (2, 4, 6, 6, 6), "2d": (2, 3, 8, 8)}
@@ -182,6 +190,57 @@ def test_tversky_matches_monai_tversky_loss(parity_record, row):
     _assert_parity(parity_record, "TverskyLoss", *_tversky_case(*row))
 
 
+FOCAL_SETTINGS = ((2.0, None), (1.5, 0.25), (0.0, 0.75))  # (gamma, alpha)
+DICE_FOCAL_GRID = list(
+    itertools.product(SHAPES, (True, False), ACTS, ("label", "onehot"), FOCAL_SETTINGS, (False, True),
+                      (False, True), ("mean", "sum"))
+)  # fmt: skip
+
+
+def _dice_focal_case(dims, include_background, act, target_kind, focal, weighted, batch, reduction,
+                     dtype=torch.float64):  # fmt: skip
+    """(ours, MONAI's, logits, target) of one DICE_FOCAL_GRID row; weight of one value per kept class (what both of
+    MONAI's terms take)."""
+    x, labels = _make_case(SHAPES[dims], dtype=dtype)
+    c = x.shape[1]
+    gamma, alpha = focal
+    kept = c if include_background else c - 1
+    kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", gamma=gamma, alpha=alpha,
+              weight=_class_weight(kept, dtype) if weighted else None, batch=batch, reduction=reduction,
+              lambda_dice=0.7, **ACTS[act])  # fmt: skip
+    return DiceFocalPlusLoss(**kw), ML.DiceFocalLoss(**kw), x, _target(labels, c, target_kind)
+
+
+@pytest.mark.parametrize("row", DICE_FOCAL_GRID, ids=_row_id)
+def test_dice_focal_matches_monai_dice_focal_loss(parity_record, row):
+    _assert_parity(parity_record, "DiceFocalLoss", *_dice_focal_case(*row))
+
+
+GDL_FOCAL_GRID = list(
+    itertools.product(SHAPES, (True, False), ACTS, ("label", "onehot"), ("square", "simple", "uniform"), (2.0, 0.5),
+                      (False, True), (False, True), ("mean", "sum"))
+)  # fmt: skip
+
+
+def _gdl_focal_case(dims, include_background, act, target_kind, w_type, gamma, weighted, batch, reduction,
+                    dtype=torch.float64):  # fmt: skip
+    """(ours, MONAI's, logits, target) of one GDL_FOCAL_GRID row (``normalize_weights=False``; ``weight`` weighs
+    the focal term alone, as MONAI's)."""
+    x, labels = _make_case(SHAPES[dims], dtype=dtype)
+    c = x.shape[1]
+    kept = c if include_background else c - 1
+    kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", w_type=w_type, gamma=gamma,
+              weight=_class_weight(kept, dtype) if weighted else None, batch=batch, reduction=reduction,
+              lambda_gdl=0.6, **ACTS[act])  # fmt: skip
+    ours = GeneralizedDiceFocalPlusLoss(normalize_weights=False, **kw)
+    return ours, ML.GeneralizedDiceFocalLoss(**kw), x, _target(labels, c, target_kind)
+
+
+@pytest.mark.parametrize("row", GDL_FOCAL_GRID, ids=_row_id)
+def test_gdl_focal_matches_monai_generalized_dice_focal_loss(parity_record, row):
+    _assert_parity(parity_record, "GeneralizedDiceFocalLoss", *_gdl_focal_case(*row))
+
+
 GDL_GRID = list(
     itertools.product(SHAPES, (True, False), ACTS, ("label", "onehot"), ("square", "simple", "uniform"),
                       (False, True), REDUCTIONS)
@@ -299,18 +358,24 @@ PARITY_GRIDS = {
     "DiceCELoss": (DICE_CE_GRID, _dice_ce_case),
     "GeneralizedDiceLoss": (GDL_GRID, _gdl_case),
     "TverskyLoss": (TVERSKY_GRID, _tversky_case),
+    "DiceFocalLoss": (DICE_FOCAL_GRID, _dice_focal_case),
+    "GeneralizedDiceFocalLoss": (GDL_FOCAL_GRID, _gdl_focal_case),
 }
 # MONAI arguments the grids leave at their defaults: each has a test of its own above or below (DiceCELoss's
 # sigmoid: test_dice_ce_one_channel_sigmoid_matches_monai; with C > 1 our BCE term is a documented departure)
 _VARIED_ELSEWHERE = {"other_act", "smooth_nr", "smooth_dr", "soft_label", "label_smoothing", "ce_weight"}
-_VARIED_ELSEWHERE_BY_CLASS = {"DiceCELoss": {"sigmoid", "softmax"}}
+_VARIED_ELSEWHERE_BY_CLASS = {"DiceCELoss": {"sigmoid", "softmax"}, "DiceFocalLoss": {"squared_pred", "jaccard",
+                              "lambda_dice", "lambda_focal"}, "GeneralizedDiceFocalLoss": {"lambda_gdl",
+                              "lambda_focal"}}  # fmt: skip
+# (the focal presets' lambdas: test_focal_lambdas_match_monai; DiceFocal's squared_pred and jaccard are DiceLoss's)
 
 
 @pytest.mark.parametrize(
     "monai_cls,families",
     [(ML.DiceLoss, ["DiceLoss", "DiceLoss weight/ignore_index"]), (ML.DiceCELoss, ["DiceCELoss"]),
-     (ML.GeneralizedDiceLoss, ["GeneralizedDiceLoss"]), (ML.TverskyLoss, ["TverskyLoss"])],
-    ids=["DiceLoss", "DiceCELoss", "GeneralizedDiceLoss", "TverskyLoss"],
+     (ML.GeneralizedDiceLoss, ["GeneralizedDiceLoss"]), (ML.TverskyLoss, ["TverskyLoss"]),
+     (ML.DiceFocalLoss, ["DiceFocalLoss"]), (ML.GeneralizedDiceFocalLoss, ["GeneralizedDiceFocalLoss"])],
+    ids=["DiceLoss", "DiceCELoss", "GeneralizedDiceLoss", "TverskyLoss", "DiceFocalLoss", "GeneralizedDiceFocalLoss"],
 )  # fmt: skip
 def test_parity_grids_vary_every_monai_argument(monai_cls, families):
     """Every argument of the MONAI class takes at least two values across its grids (a grid that stops varying an
@@ -321,8 +386,9 @@ def test_parity_grids_vary_every_monai_argument(monai_cls, families):
         for row in grid:
             ours = build(*row)[0]
             weight = None if ours.class_weight is None else tuple(ours.class_weight.reshape(-1).tolist())
-            alpha, beta = ours.tversky or (None, None)
-            values = {**dataclasses.asdict(ours.options), "weight": weight, "alpha": alpha, "beta": beta}
+            alpha, beta = ours.tversky or (ours.focal_alpha, None)
+            values = {**dataclasses.asdict(ours.options), "weight": weight, "alpha": alpha, "beta": beta,
+                      "lambda_gdl": ours.lambda_dice}  # fmt: skip
             for name, value in values.items():
                 seen.setdefault(name, set()).add(value)
     args = set(inspect.signature(monai_cls.__init__).parameters) - {"self"} - _VARIED_ELSEWHERE
@@ -400,7 +466,9 @@ def test_parity_grids_under_autocast(autocast_record, family, dtype):
 FAMILY = [
     (DicePlusLoss, ML.DiceLoss),
     (DiceCEPlusLoss, ML.DiceCELoss),
+    (DiceFocalPlusLoss, ML.DiceFocalLoss),
     (GeneralizedDicePlusLoss, ML.GeneralizedDiceLoss),
+    (GeneralizedDiceFocalPlusLoss, ML.GeneralizedDiceFocalLoss),
     (TverskyPlusLoss, ML.TverskyLoss),
 ]
 
@@ -423,7 +491,7 @@ def test_positional_call_equals_monai(make_case, parity_record, ours, theirs):
     """Positional arguments land where MONAI puts them (include_background=False, to_onehot_y=True, softmax)."""
     x, labels = make_case(SHAPES["3d"])
     args = (False, True, False, True)
-    kw = {"normalize_weights": False} if ours is GeneralizedDicePlusLoss else {}
+    kw = {"normalize_weights": False} if issubclass(ours, GeneralizedDicePlusLoss) else {}
     _assert_parity(parity_record, "positional calls", ours(*args, **kw), theirs(*args), x, labels)
 
 
@@ -454,6 +522,10 @@ def test_options_are_attributes_and_in_repr():
         (TverskyPlusLoss, {"alpha": -0.1}, ValueError, r"`tversky\[0\] \(alpha\)` must be .*-0.1"),
         (TverskyPlusLoss, {"jaccard": True}, TypeError, r"TverskyPlusLoss: .*'jaccard'"),
         (DiceCEPlusLoss, {"lambda_gdl": 1.0}, TypeError, r"DiceCEPlusLoss: .*'lambda_gdl'"),
+        (DiceFocalPlusLoss, {"alpha": 1.5}, ValueError, r"`focal_alpha` must be in \[0.0, 1.0\], got 1.5"),
+        (DiceFocalPlusLoss, {"focal_alpha": 0.5}, TypeError, r"DiceFocalPlusLoss: .*'focal_alpha'"),
+        (GeneralizedDiceFocalPlusLoss, {"reduction": "none"}, ValueError, r"reduction='none'.*lambda_focal"),
+        (GeneralizedDiceFocalPlusLoss, {"gamma": -1}, ValueError, r"`gamma` must be a finite number"),
     ],
 )
 def test_family_constructor_errors(cls, kwargs, error, match):
@@ -486,6 +558,66 @@ def test_tversky_and_generalised_tversky_match_reference(
         return fn(a, b, **kw)
 
     _assert_matches_reference(cls(**kw), ref, x, _target(labels, c, target_kind))
+
+
+@pytest.mark.parametrize("lambdas", [(1.0, 0.0), (0.0, 1.0), (0.3, 2.0)])
+@pytest.mark.parametrize("ours,theirs,first", [(DiceFocalPlusLoss, ML.DiceFocalLoss, "lambda_dice"),
+                                               (GeneralizedDiceFocalPlusLoss, ML.GeneralizedDiceFocalLoss,
+                                                "lambda_gdl")], ids=["DiceFocal", "GDLFocal"])  # fmt: skip
+def test_focal_lambdas_match_monai(make_case, parity_record, ours, theirs, first, lambdas):
+    x, labels = make_case(SHAPES["3d"])
+    kw = {"to_onehot_y": True, "softmax": True, first: lambdas[0], "lambda_focal": lambdas[1]}
+    extra = {"normalize_weights": False} if ours is GeneralizedDiceFocalPlusLoss else {}
+    _assert_parity(parity_record, "focal lambdas", ours(**kw, **extra), theirs(**kw), x, labels)
+
+
+FOCAL_EXT_GRID = list(
+    itertools.product(("dice", "gdl"), (True, False), ("label", "onehot"), (None, 255, 2), ((2.0, None), (1.0, 0.3)),
+                      (False, True), (None, "full"), ("mean", "sum"))
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "loss_name,include_background,target_kind,ignore_index,focal,focal_softmax,weight,reduction", FOCAL_EXT_GRID
+)
+def test_focal_term_matches_lin_et_al_reference(
+    loss_name, include_background, target_kind, ignore_index, focal, focal_softmax, weight, reduction
+):
+    """The focal term against Lin et al.'s ``-alpha_t (1 - p_t)**gamma log p_t`` element by element: both forms,
+    ignored voxels left out of the sums and of the count, an in-range ignore_index channel dropped, class weights,
+    both reductions, with Dice/GDL and CE beside it."""
+    x, labels = _make_case((2, 3, 4, 4, 3))
+    c = x.shape[1]
+    labels = _with_ignored(labels, 255) if ignore_index == 255 else labels
+    gamma, alpha = focal
+    kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", softmax=True,
+              ignore_index=ignore_index, weight=_weight_for(weight, c), lambda_focal=0.8, gamma=gamma,
+              focal_alpha=alpha, focal_softmax=focal_softmax, reduction=reduction,
+              lambda_ce=0.4 if reduction == "mean" else 0.0)  # fmt: skip  (the reference's CE is a mean)
+    cls, fn = (DicePlusLoss, R.dice_loss) if loss_name == "dice" else (GeneralizedDicePlusLoss, R.generalized_dice_loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the softmax form's "alpha ignored without background", as MONAI warns
+
+        def ref(a, b):
+            kw_ref = dict(kw, focal_alpha=None) if focal_softmax and alpha and not include_background else kw
+            return fn(a, b, **{k: v for k, v in kw_ref.items() if k != "label_smoothing"})
+
+        _assert_matches_reference(cls(**kw), ref, x, _target(labels, c, target_kind))
+
+
+def test_focal_softmax_form_matches_monai_focal_loss_with_background(make_case):
+    """The softmax form equals MONAI's ``FocalLoss(use_softmax=True)`` where both take the softmax over all channels
+    (with the background kept; without it MONAI renormalises over the foreground channels, we keep the Dice term's
+    probabilities)."""
+    x, labels = make_case(SHAPES["3d"])
+    for alpha in (None, 0.25):
+        ours = DicePlusLoss(to_onehot_y=True, softmax=True, lambda_dice=0.0, lambda_focal=1.0, focal_softmax=True,
+                            focal_alpha=alpha)  # fmt: skip
+        theirs = ML.FocalLoss(to_onehot_y=True, use_softmax=True, alpha=alpha)
+        a, ga = _value_and_grad(ours, x, labels)
+        b, gb = _value_and_grad(theirs, x, labels)
+        torch.testing.assert_close(a, b.to(a.dtype), atol=1e-6, rtol=0)  # MONAI's FocalLoss computes in float32
+        torch.testing.assert_close(ga, gb.to(ga.dtype), atol=1e-7, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1049,15 +1181,15 @@ def test_metatensor_inputs(make_case, loss_cls, target_kind):
 @BOTH
 @pytest.mark.parametrize("target_kind", ["label", "onehot"])
 @pytest.mark.parametrize("ignore_index", [None, 255, 2])
-@pytest.mark.parametrize("lambda_ce", [0.0, 0.5])
-def test_meta_device_forward_backward(loss_cls, target_kind, ignore_index, lambda_ce):
+@pytest.mark.parametrize("lambda_ce,lambda_focal", [(0.0, 0.0), (0.5, 0.0), (0.0, 1.0)])
+def test_meta_device_forward_backward(loss_cls, target_kind, ignore_index, lambda_ce, lambda_focal):
     x = torch.empty(2, 4, 6, 6, 6, device="meta", requires_grad=True)
     if target_kind == "label":
         y = torch.empty(2, 1, 6, 6, 6, dtype=torch.long, device="meta")
     else:
         y = torch.empty(2, 4, 6, 6, 6, device="meta")
     loss = loss_cls(to_onehot_y=target_kind == "label", softmax=True, ignore_index=ignore_index,
-                    lambda_ce=lambda_ce, weight=[0.2, 0.4, 0.6, 0.8])  # fmt: skip
+                    lambda_ce=lambda_ce, lambda_focal=lambda_focal, weight=[0.2, 0.4, 0.6, 0.8])  # fmt: skip
     value = loss(x, y)
     value.backward()
     assert value.device.type == "meta" and value.ndim == 0
@@ -1075,6 +1207,8 @@ COMPILE_CASES = {
     "dice probabilities (plain path)": (DicePlusLoss, dict(to_onehot_y=True, other_act=lambda t: torch.softmax(t, 1),
                                                            ignore_index=255)),  # fmt: skip
     "gdl sigmoid onehot (plain path)": (GeneralizedDicePlusLoss, dict(sigmoid=True)),
+    "dice focal label ignore": (DiceFocalPlusLoss, dict(to_onehot_y=True, softmax=True, ignore_index=255, alpha=0.3)),
+    "gdl focal tversky": (GeneralizedDiceFocalPlusLoss, dict(to_onehot_y=True, softmax=True, tversky=(0.3, 0.7))),
 }
 # the label-map cases that take the fused path (a custom op under compile)
 FUSED_COMPILE_CASES = [k for k, (_, kw) in COMPILE_CASES.items() if kw.get("to_onehot_y") and "other_act" not in kw]
@@ -1191,6 +1325,9 @@ DETERMINISTIC_CASES = {
     "gdl ignore batch": (GeneralizedDicePlusLoss, dict(to_onehot_y=True, softmax=True, ignore_index=2, batch=True)),
     "dice sigmoid bce": (DicePlusLoss, dict(to_onehot_y=True, sigmoid=True, lambda_ce=0.5, ignore_index=255)),
     "gdl onehot ce": (GeneralizedDicePlusLoss, dict(softmax=True, lambda_ce=0.5)),
+    "dice focal ignore": (DiceFocalPlusLoss, dict(to_onehot_y=True, softmax=True, ignore_index=255, alpha=0.3)),
+    "tversky focal softmax": (TverskyPlusLoss, dict(to_onehot_y=True, softmax=True, lambda_focal=1.0,
+                                                    focal_softmax=True)),  # fmt: skip
 }
 
 
@@ -1250,6 +1387,11 @@ GRADCHECK_CASES = {
     "gdl ignore 2": (GeneralizedDicePlusLoss, dict(to_onehot_y=True, softmax=True, ignore_index=2), "label"),
     "gdl sigmoid onehot + ce": (GeneralizedDicePlusLoss, dict(sigmoid=True, lambda_ce=0.5, w_type="simple"),
                                 "onehot"),  # fmt: skip
+    "dice focal label": (DiceFocalPlusLoss, dict(to_onehot_y=True, softmax=True, alpha=0.3, gamma=1.5), "label"),
+    "dice focal softmax form": (DicePlusLoss, dict(to_onehot_y=True, softmax=True, lambda_focal=1.0,
+                                                   focal_softmax=True, focal_alpha=0.4), "label"),  # fmt: skip
+    "gdl focal onehot": (GeneralizedDiceFocalPlusLoss, dict(sigmoid=True, weight=[0.2, 0.5, 0.9]), "onehot"),
+    "tversky label": (TverskyPlusLoss, dict(to_onehot_y=True, softmax=True, alpha=0.3, beta=0.7), "label"),
 }
 
 
@@ -1400,6 +1542,8 @@ def _forbid_one_hot(monkeypatch):
 
 LABEL_PATH_LOSSES = [
     DicePlusLoss(to_onehot_y=True, softmax=True),
+    DiceFocalPlusLoss(to_onehot_y=True, softmax=True, ignore_index=255, alpha=0.25),
+    GeneralizedDiceFocalPlusLoss(to_onehot_y=True, sigmoid=True, focal_softmax=True, ignore_index=255),
     DicePlusLoss(to_onehot_y=True, softmax=True, ignore_index=255, lambda_ce=0.5, squared_pred=True),
     DicePlusLoss(to_onehot_y=True, sigmoid=True, ignore_index=2, lambda_ce=0.5),
     GeneralizedDicePlusLoss(to_onehot_y=True, softmax=True, ignore_index=255, lambda_ce=0.5),
