@@ -61,8 +61,18 @@ __all__ = [
 ]
 
 DEVICES = ("cpu", "cuda")
-LOSSES = ("ours-dice", "ours-gdl", "ours-dicece", "monai-dice", "monai-gdl", "monai-dicece", "nnunet-memeff")
-LOSS_GROUPS = {"all": LOSSES, "ours": LOSSES[:3], "monai": LOSSES[3:6], "nnunet": LOSSES[6:]}
+LOSSES = (
+    "ours-dice", "ours-gdl", "ours-dicece", "ours-dicefocal", "ours-tversky",
+    "monai-dice", "monai-gdl", "monai-dicece", "monai-dicefocal", "monai-tversky",
+    "nnunet-memeff",
+)  # fmt: skip
+LOSS_GROUPS = {
+    "all": LOSSES,
+    "ours": tuple(k for k in LOSSES if k.startswith("ours-")),
+    "monai": tuple(k for k in LOSSES if k.startswith("monai-")),
+    "nnunet": ("nnunet-memeff",),
+    "core": ("ours-dice", "ours-gdl", "ours-dicece", "monai-dice", "monai-gdl", "monai-dicece", "nnunet-memeff"),
+}
 MAX_RETRIES = 5
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 MB = 1e6  # tables report decimal megabytes
@@ -79,7 +89,7 @@ _FLOOR_CACHE: dict[tuple[str, int, int], dict[str, float]] = {}
 class _Spec:
     key: str
     label: str
-    family: str  # "dice" | "gdl" | "dicece"
+    family: str  # "dice" | "gdl" | "dicece" | "dicefocal" | "tversky"
     owner: str  # "ours" | "monai" | "nnunet"
 
 
@@ -89,9 +99,13 @@ _SPECS = {
         _Spec("ours-dice", "DicePlusLoss", "dice", "ours"),
         _Spec("ours-gdl", "GeneralizedDicePlusLoss", "gdl", "ours"),
         _Spec("ours-dicece", "DicePlusLoss(lambda_ce=1)", "dicece", "ours"),
+        _Spec("ours-dicefocal", "DiceFocalPlusLoss", "dicefocal", "ours"),
+        _Spec("ours-tversky", "TverskyPlusLoss(0.3, 0.7)", "tversky", "ours"),
         _Spec("monai-dice", "MONAI DiceLoss", "dice", "monai"),
         _Spec("monai-gdl", "MONAI GeneralizedDiceLoss", "gdl", "monai"),
         _Spec("monai-dicece", "MONAI DiceCELoss", "dicece", "monai"),
+        _Spec("monai-dicefocal", "MONAI DiceFocalLoss", "dicefocal", "monai"),
+        _Spec("monai-tversky", "MONAI TverskyLoss(0.3, 0.7)", "tversky", "monai"),
         _Spec("nnunet-memeff", "nnU-Net MemoryEfficientSoftDiceLoss", "dice", "nnunet"),
     )
 }
@@ -131,10 +145,23 @@ def _build_loss(key: str) -> torch.nn.Module:
         from monai_gdl_plus import DicePlusLoss
 
         return DicePlusLoss(to_onehot_y=True, softmax=True, lambda_ce=1.0)
-    if key.startswith("monai-"):
-        from monai.losses import DiceCELoss, DiceLoss, GeneralizedDiceLoss
+    if key == "ours-dicefocal":
+        from monai_gdl_plus import DiceFocalPlusLoss
 
-        cls = {"monai-dice": DiceLoss, "monai-gdl": GeneralizedDiceLoss, "monai-dicece": DiceCELoss}[key]
+        return DiceFocalPlusLoss(to_onehot_y=True, softmax=True)
+    if key == "ours-tversky":
+        from monai_gdl_plus import TverskyPlusLoss
+
+        return TverskyPlusLoss(to_onehot_y=True, softmax=True, alpha=0.3, beta=0.7)
+    if key == "monai-tversky":
+        from monai.losses import TverskyLoss
+
+        return TverskyLoss(to_onehot_y=True, softmax=True, alpha=0.3, beta=0.7)
+    if key.startswith("monai-"):
+        from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss, GeneralizedDiceLoss
+
+        cls = {"monai-dice": DiceLoss, "monai-gdl": GeneralizedDiceLoss, "monai-dicece": DiceCELoss,
+               "monai-dicefocal": DiceFocalLoss}[key]  # fmt: skip
         return cls(to_onehot_y=True, softmax=True)
     if key == "nnunet-memeff":
         try:
@@ -438,7 +465,8 @@ def benchmark(
         threads: ``torch.set_num_threads`` during the run (restored afterwards; CPU only matters).
         device: ``"cpu"`` or ``"cuda"``.
         memory: also measure peak extra memory (CPU: one subprocess per loss and shape).
-        losses: subset of :data:`LOSSES` (or the groups ``"ours"``, ``"monai"``, ``"nnunet"``, ``"all"``);
+        losses: subset of :data:`LOSSES` (or the groups ``"ours"``, ``"monai"``, ``"nnunet"``, ``"core"`` (Dice,
+            GDL, Dice+CE and nnU-Net), ``"all"``);
             default all.
         seed: seed of the random logits and labels.
         log: called with a progress line now and then (e.g. ``print`` to stderr); None for silence.
@@ -749,7 +777,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     parser.add_argument(
         "--losses", nargs="+", action="extend", metavar="NAME",
-        help=f"subset (comma or space separated) of {', '.join(LOSSES)}, or ours / monai / nnunet / all",
+        help=f"subset (comma or space separated) of {', '.join(LOSSES)}, or ours / monai / nnunet / core / all",
     )  # fmt: skip
     parser.add_argument("--csv", metavar="PATH", help="also save the rows as CSV")
     parser.add_argument(

@@ -29,7 +29,7 @@ from typing import NamedTuple, TypeVar
 import torch
 import torch.nn.functional as F
 
-from monai_gdl_plus.fused import _on_host, autocast_off, class_sums, fused_label_terms
+from monai_gdl_plus.fused import Focal, _on_host, autocast_off, class_sums, fused_label_terms
 from monai_gdl_plus.options import (
     ABSENT_WEIGHTS,
     REDUCTIONS,
@@ -817,7 +817,7 @@ def focal_sums(
     b, c = x.shape[:2]
     x = x.reshape(b, c, -1)
     m = prep.mask
-    count = torch.full((b,), x.shape[-1], dtype=x.dtype, device=x.device) if m is None else m.sum(-1).to(x.dtype)
+    count = _voxel_counts(x, m)
     if softmax:
         logp = torch.log_softmax(x, 1)
         if prep.labels is not None:
@@ -844,6 +844,14 @@ def focal_sums(
         if alpha is not None:
             per_element = per_element * (t * alpha + (1.0 - t) * (1.0 - alpha))
     return (per_element if m is None else per_element * m[:, None]).sum(-1), count
+
+
+def _voxel_counts(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Counted voxels per sample (B,), float32 or wider."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    if mask is None:
+        return torch.full((x.shape[0],), x[0, 0].numel(), dtype=acc, device=x.device)
+    return mask.sum(-1).to(acc)
 
 
 def focal_from_sums(
@@ -892,17 +900,25 @@ def _loss_parts(
     if o.softmax and num_ch == 1:
         warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
     want_ce = o.lambda_ce > 0
-    ce = None
+    ce = focal_sum = None
+    focal_alpha = o.focal_alpha
+    if o.focal_softmax and focal_alpha is not None and not o.include_background and num_ch > 1:
+        warnings.warn("`include_background=False`, scalar `alpha` ignored when using softmax.", stacklevel=3)
+        focal_alpha = None  # as MONAI's FocalLoss(use_softmax=True)
     if prep.labels is not None and (softmax or o.sigmoid) and _FUSED_LABEL_PATH:
         fuse_ce = want_ce and softmax and o.label_smoothing == 0
+        fuse_focal = o.lambda_focal > 0 and (softmax or not o.focal_softmax)
+        focal = Focal((2 if o.focal_softmax else 1) if fuse_focal else 0, o.gamma, focal_alpha)
         acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 logits: weights and sums in float32
         ce_wx = None if ce_w is None else ce_w.to(device=x.device, dtype=acc)
-        inter, psum, tsum, nll = fused_label_terms(
+        inter, psum, tsum, nll, fsum = fused_label_terms(
             prep.probs, prep.labels, prep.mask, softmax=softmax, squared=o.squared_pred, ce_weight=ce_wx,
-            with_ce=fuse_ce,
+            with_ce=fuse_ce, focal=focal,
         )  # fmt: skip
         if fuse_ce:
             ce = nll if o.reduction == "sum" else nll / _ce_count(prep, ce_wx)
+        if fuse_focal:
+            focal_sum = fsum
         terms, vol = _select(DiceTerms(inter, psum, tsum), tsum, prep.keep)
     else:
         probs = activate(x, o.sigmoid, softmax, o.other_act)
@@ -915,12 +931,11 @@ def _loss_parts(
         )  # fmt: skip
     extra = None if ce is None else o.lambda_ce * ce
     if o.lambda_focal > 0:
-        alpha = o.focal_alpha
-        if o.focal_softmax and alpha is not None and not o.include_background and num_ch > 1:
-            warnings.warn("`include_background=False`, scalar `alpha` ignored when using softmax.", stacklevel=3)
-            alpha = None  # as MONAI's FocalLoss(use_softmax=True)
-        sums, count = focal_sums(x, prep, gamma=o.gamma, alpha=alpha, softmax=o.focal_softmax)
-        fl = focal_from_sums(take_channels(sums, prep.keep, 1), count, focal_w, o.reduction)
+        if focal_sum is None:
+            focal_sum, count = focal_sums(x, prep, gamma=o.gamma, alpha=focal_alpha, softmax=o.focal_softmax)
+        else:
+            count = _voxel_counts(x, prep.mask)
+        fl = focal_from_sums(take_channels(focal_sum, prep.keep, 1), count, focal_w, o.reduction)
         extra = o.lambda_focal * fl if extra is None else extra + o.lambda_focal * fl
     return terms, vol, dice_w, extra
 

@@ -31,13 +31,15 @@ activation from the logits into the buffer it returns as the gradient (one more 
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from monai_gdl_plus.memory import advise_huge_pages
 
-__all__ = ["autocast_off", "class_sums", "fused_label_terms"]
+__all__ = ["Focal", "autocast_off", "class_sums", "fused_label_terms"]
 
 # elements per chunk of temporaries: cache-sized on CPU; on accelerators large enough to keep kernels busy and
 # small enough (64 MiB in float32) that the temporaries stay far below the logits' size
@@ -96,6 +98,47 @@ def class_sums(
     return partial.view(b, blocks, num_classes).sum(1, dtype=torch.float64)
 
 
+class Focal(NamedTuple):
+    """The focal term the fused path sums per (sample, class): ``kind`` 0 none, 1 the sigmoid form
+    ``alpha_t (1 - p_t)**gamma BCE(x, t)`` of every (class, voxel), 2 the softmax form
+    ``-alpha_t (1 - p_y)**gamma log p_y`` of the true class (see ``functional.focal_sums``)."""
+
+    kind: int = 0
+    gamma: float = 2.0
+    alpha: float | None = None
+
+
+_NO_FOCAL = Focal()
+
+
+def _sigmoid_focal(x: torch.Tensor, positive: bool, focal: Focal, grad: bool = False) -> torch.Tensor:
+    """Sigmoid-form focal loss of logits ``x`` for a target of all 1 (``positive``) or all 0,
+    ``a sigma(z)**gamma softplus(z)`` with ``z = -x`` or ``x`` (``a``: alpha or 1 - alpha), or with ``grad`` its
+    derivative in ``x``: ``-+ a sigma(z)**gamma (gamma (1 - sigma(z)) softplus(z) + sigma(z))``."""
+    z = -x if positive else x
+    s = torch.sigmoid(z)
+    sp = F.softplus(z)
+    sg = s.pow(focal.gamma)
+    a = 1.0 if focal.alpha is None else focal.alpha if positive else 1.0 - focal.alpha
+    if not grad:
+        return sg.mul_(sp).mul_(a)
+    d = sp.mul_(1.0 - s).mul_(focal.gamma).add_(s).mul_(sg).mul_(a)
+    return d.neg_() if positive else d
+
+
+def _softmax_focal(lp: torch.Tensor, lab: torch.Tensor, focal: Focal, grad: bool = False) -> torch.Tensor:
+    """Softmax-form focal loss ``-a (1 - p)**gamma L`` of the true class's log-probability ``L`` (``a``: 1 - alpha
+    for class 0, alpha otherwise), or with ``grad`` its derivative in ``L``,
+    ``a (gamma (1 - p)**(gamma - 1) p L - (1 - p)**gamma)``."""
+    p = lp.exp()
+    omp = (1.0 - p).clamp_min(torch.finfo(lp.dtype).tiny)
+    if grad:
+        v = (focal.gamma * omp.pow(focal.gamma - 1.0) * p * lp).sub_(omp.pow(focal.gamma))
+    else:
+        v = omp.pow(focal.gamma).mul_(lp).neg_()
+    return v if focal.alpha is None else v * torch.where(lab == 0, 1.0 - focal.alpha, focal.alpha)
+
+
 def _step(p: torch.Tensor) -> int:
     """Voxels per chunk of temporaries (see ``_CHUNK_ELEMENTS``)."""
     b, c = p.shape[:2]
@@ -121,11 +164,13 @@ def _forward_chunks(
     squared: bool,
     dtype: torch.dtype,
     with_ce: bool,
+    focal: Focal = _NO_FOCAL,
 ):
     """The activation, kept as one logits-sized buffer, and the (B, C) terms, taken while each chunk is hot.
 
     Returns ``e`` (B, C, N), ``r`` (B, N) or None, the true class's probability ``p_t`` (B, N), and the
-    intersection, prediction sum, target volume (each (B, C)) and summed NLL (0-d), all in ``dtype``.
+    intersection, prediction sum, target volume (each (B, C)), summed NLL (0-d) and focal sums (B, C), all in
+    ``dtype``.
 
     Softmax: ``e`` holds the exponentials ``exp(x - s)`` (``s`` 0 or the voxel's max logit) and ``r = 1 / sum_c e``
     so that ``p = e * r``; leaving the division to the consumers saves a pass over the logits. Sigmoid: ``e = p``
@@ -144,6 +189,7 @@ def _forward_chunks(
     pt = torch.empty((b, 1, n), dtype=dtype, device=dev)  # the true class's probability
     inter, psum = (torch.zeros((b, c), dtype=torch.float64, device=dev) for _ in range(2))
     nll = torch.zeros((), dtype=torch.float64, device=dev)
+    fsum = torch.zeros((b, c), dtype=torch.float64, device=dev)
     unshifted = host and dtype in _SAFE_SUM_LOG2  # a range check is free only on the host
     bound = 2.0 ** _SAFE_SUM_LOG2.get(dtype, 0)
     step = _step(e)
@@ -173,44 +219,57 @@ def _forward_chunks(
             tp = torch.gather(ec, 1, lab, out=pt[:, :, lo:hi]).mul_(rc)
             wv = rc * rc if squared else rc
             wv = wv if mc is None else wv * mc
-            if with_ce:  # -log p_t = lse - x_t, lse = s + log(sum_c e)
+            if with_ce or focal.kind == 2:  # -log p_t = lse - x_t, lse = s + log(sum_c e)
                 nlp = tot.log_().sub_(xc.gather(1, lab))
                 nlp = nlp if shift is None else nlp.add_(shift)
+            if with_ce:
                 cw = mc if ce_weight is None else ce_weight[lab] if mc is None else ce_weight[lab] * mc
                 nll += (nlp if cw is None else nlp * cw).sum(dtype=torch.float64)
+            if focal.kind == 2:
+                fv = _softmax_focal(-nlp, lab, focal)
+                fsum += class_sums((fv if mc is None else fv * mc).squeeze(1), lab.squeeze(1), c, blocked)
+        if focal.kind == 1:  # every (class, voxel) as a negative, then the true class's correction
+            f0 = _sigmoid_focal(xc, False, focal)
+            fsum += f0.sum(-1) if mc is None else torch.bmm(mc, f0.transpose(1, 2)).squeeze(1)
+            xt = xc.gather(1, lab)
+            fix = _sigmoid_focal(xt, True, focal).sub_(_sigmoid_focal(xt, False, focal))
+            fsum += class_sums((fix if mc is None else fix * mc).squeeze(1), lab.squeeze(1), c, blocked)
         qc = ec * ec if squared else ec
         psum += qc.sum(-1) if wv is None else torch.bmm(wv, qc.transpose(1, 2)).squeeze(1)
         inter += class_sums((tp if mc is None else tp * mc).squeeze(1), lab.squeeze(1), c, blocked)
-    return e, r, pt.squeeze(1), inter.to(dtype), psum.to(dtype), tsum.to(dtype), nll.to(dtype)
+    return e, r, pt.squeeze(1), inter.to(dtype), psum.to(dtype), tsum.to(dtype), nll.to(dtype), fsum.to(dtype)
 
 
 class _FusedLabelTerms(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, labels, mask, ce_weight, softmax: bool, squared: bool, with_ce: bool):  # noqa: D102
+    def forward(ctx, x, labels, mask, ce_weight, softmax: bool, squared: bool, with_ce: bool, focal=_NO_FOCAL):  # noqa: D102
         dtype = torch.promote_types(x.dtype, torch.float32)
+        focal = Focal(*focal)
         with autocast_off(x.device):
-            e, r, pt, inter, psum, tsum, nll = _forward_chunks(
-                x, labels, mask, ce_weight, softmax, squared, dtype, with_ce
+            e, r, pt, inter, psum, tsum, nll, fsum = _forward_chunks(
+                x, labels, mask, ce_weight, softmax, squared, dtype, with_ce, focal
             )
         ctx.save_for_backward(x, labels, mask, ce_weight)
         # kept off save_for_backward: the backward overwrites them (``e`` becomes the gradient, which autograd can
         # then take without a copy; ``p_t`` the per-voxel true-class term) and drops them
         ctx.buffers = (e, r, pt)
-        ctx.flags = (softmax, squared, with_ce)
+        ctx.flags = (softmax, squared, with_ce, focal)
         ctx.mark_non_differentiable(tsum)
-        return inter, psum, tsum, nll
+        return inter, psum, tsum, nll, fsum
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_inter, g_psum, _g_tsum, g_nll):  # noqa: D102
+    def backward(ctx, g_inter, g_psum, _g_tsum, g_nll, g_focal):  # noqa: D102
         x, labels, mask, ce_weight = ctx.saved_tensors
         buffers, ctx.buffers = ctx.buffers, None
         # None: a second backward; the first one turned the saved buffers into its gradient
-        grad = _gradient(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, *ctx.flags, buffers=buffers)
-        return grad, None, None, None, None, None, None
+        grad = _gradient(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, g_focal, *ctx.flags, buffers=buffers)
+        return grad, None, None, None, None, None, None, None
 
 
-def _gradient(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, softmax, squared, with_ce, buffers=None):
+def _gradient(
+    x, labels, mask, ce_weight, g_inter, g_psum, g_nll, g_focal, softmax, squared, with_ce, focal, buffers=None
+):
     """dL/dx in ``x``'s dtype, written over ``buffers`` (``e, r, p_t`` of the forward) or, without them, over the
     activation recomputed from ``x`` (the same shifts as the forward: they depend on ``x`` only)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -218,65 +277,74 @@ def _gradient(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, softmax, squar
         if buffers is None:
             buffers = _forward_chunks(x, labels, mask, None, softmax, False, dtype, False)[:3]
         g_nll = g_nll if softmax and with_ce else None
-        grad = _backward_in_place(*buffers, labels, mask, ce_weight, g_inter, g_psum, g_nll, squared)
+        grad = _backward_in_place(
+            *buffers, labels, mask, ce_weight, g_inter, g_psum, g_nll, squared, x, g_focal, Focal(*focal)
+        )
         return grad.to(x.dtype)
 
 
 # the compile-time twin of _FusedLabelTerms: functional custom ops (outputs fresh, inputs untouched)
 _OP_ARGS = "Tensor x, Tensor labels, Tensor? mask, Tensor? ce_weight"
-_OP_FLAGS = "bool softmax, bool squared, bool with_ce"
+_OP_FLAGS = "bool softmax, bool squared, bool with_ce, int focal=0, float gamma=2., float? alpha=None"
 
 
 @torch.library.custom_op(
     "monai_gdl_plus::label_terms",
     mutates_args=(),
-    schema=f"({_OP_ARGS}, {_OP_FLAGS}) -> (Tensor, Tensor, Tensor, Tensor)",
+    schema=f"({_OP_ARGS}, {_OP_FLAGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def _label_terms_op(x, labels, mask, ce_weight, softmax, squared, with_ce):
+def _label_terms_op(x, labels, mask, ce_weight, softmax, squared, with_ce, focal=0, gamma=2.0, alpha=None):
     dtype = torch.promote_types(x.dtype, torch.float32)
     with autocast_off(x.device):
-        out = _forward_chunks(x, labels, mask, ce_weight, softmax, squared, dtype, with_ce)
+        out = _forward_chunks(x, labels, mask, ce_weight, softmax, squared, dtype, with_ce, Focal(focal, gamma, alpha))
     # the logits-sized activation is dropped here and recomputed by the backward; outputs contiguous, as the fake
     return tuple(t.contiguous() for t in out[3:])
 
 
 @_label_terms_op.register_fake
-def _(x, labels, mask, ce_weight, softmax, squared, with_ce):
+def _(x, labels, mask, ce_weight, softmax, squared, with_ce, focal=0, gamma=2.0, alpha=None):
     dtype = torch.promote_types(x.dtype, torch.float32)
     b, c = x.shape[:2]
-    return (*(x.new_empty((b, c), dtype=dtype) for _ in range(3)), x.new_empty((), dtype=dtype))
+    sums = [x.new_empty((b, c), dtype=dtype) for _ in range(4)]
+    return (*sums[:3], x.new_empty((), dtype=dtype), sums[3])
 
 
 @torch.library.custom_op(
     "monai_gdl_plus::label_terms_backward",
     mutates_args=(),
-    schema=f"({_OP_ARGS}, Tensor g_inter, Tensor g_psum, Tensor g_nll, {_OP_FLAGS}) -> Tensor",
+    schema=f"({_OP_ARGS}, Tensor g_inter, Tensor g_psum, Tensor g_nll, Tensor g_focal, {_OP_FLAGS}) -> Tensor",
 )
-def _label_terms_backward_op(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, softmax, squared, with_ce):
-    return _gradient(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, softmax, squared, with_ce)
+def _label_terms_backward_op(
+    x, labels, mask, ce_weight, g_inter, g_psum, g_nll, g_focal, softmax, squared, with_ce, focal=0, gamma=2.0,
+    alpha=None,
+):  # fmt: skip
+    flags = (softmax, squared, with_ce, Focal(focal, gamma, alpha))
+    return _gradient(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, g_focal, *flags)
 
 
 @_label_terms_backward_op.register_fake
-def _(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, softmax, squared, with_ce):
+def _(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, g_focal, softmax, squared, with_ce, focal=0, gamma=2.0,
+      alpha=None):  # fmt: skip
     return torch.empty_like(x)
 
 
 def _op_setup_context(ctx, inputs, output):
-    x, labels, mask, ce_weight, softmax, squared, with_ce = inputs
+    x, labels, mask, ce_weight, *flags = inputs
     ctx.save_for_backward(x, labels, mask, ce_weight)
-    ctx.flags = (softmax, squared, with_ce)
+    ctx.flags = flags
     ctx.mark_non_differentiable(output[2])
 
 
-def _op_backward(ctx, g_inter, g_psum, _g_tsum, g_nll):
+def _op_backward(ctx, g_inter, g_psum, _g_tsum, g_nll, g_focal):
     x, labels, mask, ce_weight = ctx.saved_tensors
     b, c = x.shape[:2]
     dtype = torch.promote_types(x.dtype, torch.float32)
     g_inter = x.new_zeros((b, c), dtype=dtype) if g_inter is None else g_inter
     g_psum = x.new_zeros((b, c), dtype=dtype) if g_psum is None else g_psum
     g_nll = x.new_zeros((), dtype=dtype) if g_nll is None else g_nll
-    grad = _label_terms_backward_op(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, *ctx.flags)
-    return grad, None, None, None, None, None, None
+    g_focal = x.new_zeros((b, c), dtype=dtype) if g_focal is None else g_focal
+    grad = _label_terms_backward_op(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, g_focal, *ctx.flags)
+    return grad, *([None] * (len(ctx.flags) + 3))
 
 
 _label_terms_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -286,7 +354,9 @@ def _zeros_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
-def _backward_in_place(e, r, pt, labels, mask, ce_weight, g_inter, g_psum, g_nll, squared):
+def _backward_in_place(
+    e, r, pt, labels, mask, ce_weight, g_inter, g_psum, g_nll, squared, x=None, g_focal=None, focal=_NO_FOCAL
+):
     """Overwrite ``e`` (see :func:`_forward_chunks`; softmax when ``r`` is given, else sigmoid) with dL/dx, and
     ``pt`` (the true class's probability, (B, N)) with the true-class correction.
 
@@ -296,6 +366,12 @@ def _backward_in_place(e, r, pt, labels, mask, ce_weight, g_inter, g_psum, g_nll
     ``k = m gI_t p_t - g_nll m w_t`` (softmax) or ``m gI_t p_t (1 - p_t)`` (sigmoid), added by a scatter. For the
     softmax the dense part is ``e_c (gP_c h(p_c) u - w)`` with ``u = m r`` and
     ``w = u sum_k p_k gP_k h(p_k) + r k``, so that one chunk-sized temporary is all each chunk allocates.
+
+    Focal term (gradient ``gF`` of its (B, C) sums): the softmax form, a function of the true class's
+    log-probability ``L``, adds ``gF_t m dv/dL`` to ``k`` (its gradient ``dv/dL ([c == t] - p_c)`` has the CE
+    part's shape); the sigmoid form, a function of the logits ``x`` themselves, adds
+    ``gF_c m d(negative)/dx_c`` to every element and ``gF_t m d(positive - negative)/dx_t`` at the true class,
+    both after the softmax chain.
     """
     softmax = r is not None
     g_psum = _zeros_if_none(g_psum, e[:, :, 0]).to(e.dtype)
@@ -311,12 +387,18 @@ def _backward_in_place(e, r, pt, labels, mask, ce_weight, g_inter, g_psum, g_nll
     n = e.shape[-1]
     step = max(1, _step(e) // 4)  # quarter-size chunks: the backward's temporaries are what sets the peak
     beta = g_psum[:, :, None]
+    g_focal = None if not focal.kind else _zeros_if_none(g_focal, e[:, :, 0]).to(e.dtype)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         ec, lab, kc = e[:, :, lo:hi], labels[:, None, lo:hi], corr[:, None, lo:hi]
         mc = None if mask is None else mask[:, None, lo:hi]
+        gf_t = None if g_focal is None else g_focal.gather(1, lab.squeeze(1))[:, None]  # the true class's
         if softmax:
             rc = r[:, None, lo:hi]
+            if focal.kind == 2:
+                lp = torch.gather(ec, 1, lab).mul_(rc).clamp_min_(torch.finfo(e.dtype).tiny).log_()
+                dv = _softmax_focal(lp, lab, focal, grad=True).mul_(gf_t)
+                kc.add_(dv if mc is None else dv * mc)
             u = rc if mc is None else rc * mc
             if squared:
                 hq = ec * (2.0 * beta)  # gP_c h(p_c) / r
@@ -332,6 +414,13 @@ def _backward_in_place(e, r, pt, labels, mask, ce_weight, g_inter, g_psum, g_nll
             if mc is not None:
                 factor = factor * mc
         ec.mul_(factor)
+        if focal.kind == 1:
+            xc = x[:, :, lo:hi].to(e.dtype)
+            dense = _sigmoid_focal(xc, False, focal, grad=True).mul_(g_focal[:, :, None])
+            ec.add_(dense if mc is None else dense.mul_(mc))
+            xt = xc.gather(1, lab)
+            fix = _sigmoid_focal(xt, True, focal, grad=True).sub_(_sigmoid_focal(xt, False, focal, grad=True))
+            kc.add_(fix.mul_(gf_t) if mc is None else fix.mul_(gf_t).mul_(mc))
         ec.scatter_add_(1, lab, kc)
     return e
 
@@ -345,9 +434,10 @@ def fused_label_terms(
     squared: bool = False,
     ce_weight: torch.Tensor | None = None,
     with_ce: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Intersection, prediction sum, target volume (each (B, C); the last without gradient) and the summed
-    softmax NLL (0-d; 0 unless ``with_ce``).
+    focal: Focal = _NO_FOCAL,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Intersection, prediction sum, target volume (each (B, C); the last without gradient), the summed
+    softmax NLL (0-d; 0 unless ``with_ce``) and the masked focal sums (B, C) (0 unless ``focal.kind``).
 
     Args:
         x: logits (B, C, N), any float dtype (sums in float32 or float64).
@@ -357,9 +447,12 @@ def fused_label_terms(
         squared: prediction sum of ``p**2``.
         ce_weight: per-class CE weights (C,) or None.
         with_ce: also return the summed, masked, weighted NLL (softmax only).
+        focal: the focal term to sum (:class:`Focal`; its softmax form needs ``softmax``).
     """
     if with_ce and not softmax:
         raise ValueError("`with_ce=True` needs `softmax=True` in fused_label_terms.")
+    if focal.kind == 2 and not softmax:
+        raise ValueError("the softmax-form focal term needs `softmax=True` in fused_label_terms.")
     if torch.compiler.is_compiling():
-        return _label_terms_op(x, labels, mask, ce_weight, softmax, squared, with_ce)
-    return _FusedLabelTerms.apply(x, labels, mask, ce_weight, softmax, squared, with_ce)
+        return _label_terms_op(x, labels, mask, ce_weight, softmax, squared, with_ce, *focal)
+    return _FusedLabelTerms.apply(x, labels, mask, ce_weight, softmax, squared, with_ce, focal)

@@ -189,7 +189,10 @@ def test_parser_defaults_and_repeated_shapes():
     argv = ["--shape", "1,3,8,8,8", "2x4x6x6x6", "--shape", "1,2,4,4", "--losses", "ours", "monai-gdl"]
     args = _parser().parse_args(argv)
     assert args.shapes == [(1, 3, 8, 8, 8), (2, 4, 6, 6, 6), (1, 2, 4, 4)]
-    assert bench._resolve_losses(args.losses) == ["ours-dice", "ours-gdl", "ours-dicece", "monai-gdl"]
+    assert bench._resolve_losses(args.losses) == [
+        "ours-dice", "ours-gdl", "ours-dicece", "ours-dicefocal", "ours-tversky", "monai-gdl",
+    ]  # fmt: skip
+    assert bench._resolve_losses(["core"]) == [*PAIRS, "nnunet-memeff"]
 
 
 @pytest.mark.parametrize(

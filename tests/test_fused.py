@@ -39,14 +39,15 @@ def _assert_paths_agree(loss, x, y, monkeypatch, **tol):
 
 
 _FLAGS = list(
-    itertools.product(["dice", "gdl"], ["softmax", "sigmoid"], [False, True], [None, 255, 2], [0.0, 0.7], [False, True])
-)
+    itertools.product(["dice", "gdl"], ["softmax", "sigmoid"], [False, True], [None, 255, 2], [0.0, 0.7], [False, True],
+                      [None, "sigmoid form", "softmax form"])
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("as_accelerator", [False, True], ids=["cpu", "as-accelerator"])
-@pytest.mark.parametrize("name,act,squared,ignore_index,lambda_ce,weighted", _FLAGS)
+@pytest.mark.parametrize("name,act,squared,ignore_index,lambda_ce,weighted,focal", _FLAGS)
 def test_fused_equals_plain_autograd(
-    small_chunks, monkeypatch, as_accelerator, name, act, squared, ignore_index, lambda_ce, weighted
+    small_chunks, monkeypatch, as_accelerator, name, act, squared, ignore_index, lambda_ce, weighted, focal
 ):
     """Values and gradients of both paths agree to float64 rounding, over chunk boundaries, for every flag; also
     with what accelerators run (``as_accelerator``: the max-shifted softmax and blocked class sums)."""
@@ -60,6 +61,8 @@ def test_fused_equals_plain_autograd(
     loss = LOSSES[name](
         to_onehot_y=True, softmax=act == "softmax", sigmoid=act == "sigmoid", squared_pred=squared,
         ignore_index=ignore_index, lambda_ce=lambda_ce, weight=[1.0, 2.0, 0.5, 1.0, 3.0] if weighted else None,
+        lambda_focal=0.0 if focal is None else 0.6, gamma=1.5, focal_alpha=0.3 if weighted else None,
+        focal_softmax=focal == "softmax form",
     )  # fmt: skip
     _assert_paths_agree(loss, x, y, monkeypatch, rtol=1e-10, atol=1e-12)
 
@@ -115,16 +118,21 @@ def test_fused_function_gradcheck_with_mask_and_class_weights():
     labels = torch.randint(0, 3, (2, 7), generator=g)
     mask = (torch.rand(2, 7, generator=g) > 0.3).double()
     w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
-    gi, gp = torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
-    for softmax, squared in itertools.product([True, False], [False, True]):
+    gi, gp, gf = (torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    focals = [fused.Focal(), fused.Focal(1, 1.5, 0.3), fused.Focal(1, 0.0), fused.Focal(2, 2.0, 0.25),
+              fused.Focal(2, 0.5)]  # fmt: skip
+    for softmax, squared, focal in itertools.product([True, False], [False, True], focals):
+        if focal.kind == 2 and not softmax:
+            continue
 
-        def f(t, softmax=softmax, squared=squared):
-            inter, psum, _, nll = fused.fused_label_terms(
-                t, labels, mask, softmax=softmax, squared=squared, ce_weight=w if softmax else None, with_ce=softmax
-            )
-            return (inter * gi).sum() + (psum * gp).sum() + 0.3 * nll
+        def f(t, softmax=softmax, squared=squared, focal=focal):
+            inter, psum, _, nll, fsum = fused.fused_label_terms(
+                t, labels, mask, softmax=softmax, squared=squared, ce_weight=w if softmax else None, with_ce=softmax,
+                focal=focal,
+            )  # fmt: skip
+            return (inter * gi).sum() + (psum * gp).sum() + 0.3 * nll + (fsum * gf).sum()
 
-        assert torch.autograd.gradcheck(f, (x,))
+        assert torch.autograd.gradcheck(f, (x,)), focal
 
 
 def test_class_sums_equal_a_one_hot_reference_on_every_route(monkeypatch):
@@ -207,35 +215,42 @@ def _op_inputs(masked: bool, weighted: bool, dtype=torch.float64):
     return x, labels, mask, weight
 
 
-@pytest.mark.parametrize("softmax,squared,with_ce", [(True, False, True), (True, True, False), (False, True, False)])
+@pytest.mark.parametrize(
+    "softmax,squared,with_ce,focal", [(True, False, True, 2), (True, True, False, 1), (False, True, False, 1),
+                                      (False, False, False, 0)],
+)  # fmt: skip
 @pytest.mark.parametrize("masked,weighted", [(False, False), (True, True)])
-def test_custom_op_passes_torch_library_opcheck(softmax, squared, with_ce, masked, weighted):
+def test_custom_op_passes_torch_library_opcheck(softmax, squared, with_ce, focal, masked, weighted):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the op, as torch checks them."""
     x, labels, mask, weight = _op_inputs(masked, weighted)
-    args = (x.requires_grad_(True), labels, mask, weight, softmax, squared, with_ce)
+    alpha = 0.3 if masked else None
+    args = (x.requires_grad_(True), labels, mask, weight, softmax, squared, with_ce, focal, 1.5, alpha)
     torch.library.opcheck(torch.ops.monai_gdl_plus.label_terms.default, args)
 
 
-@pytest.mark.parametrize("softmax,squared,with_ce", [(True, False, True), (True, True, True), (False, False, False)])
-def test_custom_op_equals_the_eager_function_and_passes_gradcheck(small_chunks, softmax, squared, with_ce):
+@pytest.mark.parametrize(
+    "softmax,squared,with_ce,focal", [(True, False, True, fused.Focal(2, 1.5, 0.3)), (True, True, True, fused.Focal()),
+                                      (False, False, False, fused.Focal(1, 2.0, 0.25))],
+)  # fmt: skip
+def test_custom_op_equals_the_eager_function_and_passes_gradcheck(small_chunks, softmax, squared, with_ce, focal):
     """What a compiled loss runs (the op, whose backward recomputes the activation) equals the eager Function (whose
     backward overwrites the saved one) in value and gradient, over chunk boundaries; gradcheck in float64."""
     x, labels, mask, weight = _op_inputs(True, True)
-    cot = [torch.rand(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    cot = [torch.rand(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) for k in range(3)]
 
     def scalar(out):
-        inter, psum, _, nll = out
-        return (inter * cot[0]).sum() + (psum * cot[1]).sum() + 0.3 * nll
+        inter, psum, _, nll, fsum = out
+        return (inter * cot[0]).sum() + (psum * cot[1]).sum() + 0.3 * nll + (fsum * cot[2]).sum()
 
     results = []
-    for call in (fused._label_terms_op, fused._FusedLabelTerms.apply):
+    for call, flags in ((fused._label_terms_op, tuple(focal)), (fused._FusedLabelTerms.apply, (focal,))):
         xi = x.clone().requires_grad_(True)
-        out = call(xi, labels, mask, weight, softmax, squared, with_ce)
+        out = call(xi, labels, mask, weight, softmax, squared, with_ce, *flags)
         scalar(out).backward()
-        results.append((torch.stack([t.detach() for t in out[:3]]), out[3].detach(), xi.grad))
+        results.append((torch.stack([t.detach() for t in (*out[:3], out[4])]), out[3].detach(), xi.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda t: scalar(fused._label_terms_op(t, labels, mask, weight, softmax, squared, with_ce)),
+        lambda t: scalar(fused._label_terms_op(t, labels, mask, weight, softmax, squared, with_ce, *focal)),
         (x.clone().requires_grad_(True),),
     )
