@@ -131,7 +131,7 @@ def check_weight(
         raise ValueError(
             f"`weight` must be a scalar or a 1-D sequence (one value per class), got shape {tuple(w.shape)}."
         )
-    if w.device.type == "cpu" and _checks_enabled(w) and (not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
+    if _on_host(w.device) and _checks_enabled(w) and (not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
         raise ValueError(f"`weight` values must be finite and no less than 0, got {w.tolist()}.")
     return w
 

@@ -20,6 +20,20 @@ def _make_case(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch
     return logits, labels
 
 
+def forbid_host_syncs(monkeypatch) -> None:
+    """Make every call that would wait for an accelerator raise: reading a tensor on the host, ``bincount``
+    (sizes its output from the data), ``unique`` and ``nonzero`` (data-dependent shapes). Use with
+    ``fused._HOST_DEVICES`` emptied, so that CPU tensors take the accelerator code paths."""
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host sync in accelerator mode")
+
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    for name in ("bincount", "unique", "nonzero"):
+        monkeypatch.setattr(torch, name, sync)
+
+
 @pytest.fixture
 def make_case():
     """Factory ``make_case(shape, seed=0, dtype=torch.float64, absent=True) -> (logits, labels)``."""

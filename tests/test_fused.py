@@ -160,6 +160,20 @@ def test_class_sums_equal_a_one_hot_reference_on_every_route(monkeypatch):
     assert counts.tolist() == [[2.0, 1.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]]
 
 
+@pytest.mark.parametrize("n", [1, fused._BLOCK - 1, fused._BLOCK, 2 * fused._BLOCK, 2 * fused._BLOCK + 1])
+def test_blocked_class_sums_at_whole_and_ragged_block_counts(n):
+    """The accelerators' blocked sums equal a dense one-hot sum whether the last block is whole or ragged: an
+    off-by-one in the block index leaves ragged volumes right but sends the last voxel of a whole one past the
+    partial histograms."""
+    g = torch.Generator().manual_seed(6)
+    labels = torch.randint(0, 3, (2, n), generator=g)
+    values = torch.rand(2, n, generator=g, dtype=torch.float64)
+    onehot = torch.nn.functional.one_hot(labels, 3).double()
+    blocked = fused.class_sums(values, labels, 3, blocked=True)
+    torch.testing.assert_close(blocked, (values[..., None] * onehot).sum(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused.class_sums(None, labels, 3, blocked=True), onehot.sum(1), rtol=0, atol=0)
+
+
 def _thp_mode() -> str:
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
@@ -253,4 +267,25 @@ def test_custom_op_equals_the_eager_function_and_passes_gradcheck(small_chunks, 
     assert torch.autograd.gradcheck(
         lambda t: scalar(fused._label_terms_op(t, labels, mask, weight, softmax, squared, with_ce, *focal)),
         (x.clone().requires_grad_(True),),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_custom_ops_on_half_logits_keep_float32_terms_and_a_gradient_in_the_logits_dtype(dtype):
+    """Half logits (what a network returns under AMP): the forward op returns float32 terms and the backward op a
+    gradient in the logits' dtype, in the real ops as in the fake ones that torch.compile plans with (opcheck
+    compares the two)."""
+    x, labels, _, _ = _op_inputs(False, False)
+    x = x.to(dtype)
+    mask = torch.ones(2, 30)  # as the losses pass them: mask and CE weights in float32
+    weight = torch.tensor([0.3, 1.0, 0.6, 0.9])
+    flags = (True, False, True, 1, 1.5, 0.25)
+    terms = fused._label_terms_op(x, labels, mask, weight, *flags)
+    assert [t.dtype for t in terms] == [torch.float32] * 5
+    cot = (torch.rand(2, 4), torch.rand(2, 4), torch.tensor(0.3), torch.rand(2, 4))
+    grad = fused._label_terms_backward_op(x, labels, mask, weight, *cot, *flags)
+    assert grad.dtype == dtype and grad.shape == x.shape
+    torch.library.opcheck(torch.ops.monai_gdl_plus.label_terms.default, (x, labels, mask, weight, *flags))
+    torch.library.opcheck(
+        torch.ops.monai_gdl_plus.label_terms_backward.default, (x, labels, mask, weight, *cot, *flags)
     )

@@ -19,7 +19,7 @@ import pytest
 import reference as R
 import torch
 import torch.nn.functional as F
-from conftest import _make_case
+from conftest import _make_case, forbid_host_syncs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from monai.data import MetaTensor
@@ -1366,6 +1366,27 @@ def test_deterministic_algorithms(monkeypatch, name, as_accelerator):
         refused = sorted(op for op in recorder.ops if any(k in op for k in _NO_DETERMINISTIC_CUDA_KERNEL))
         assert not refused, refused
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("name", [
+    "dice+ce label smoothing", "dice+ce fused", "gdl ignore batch", "dice sigmoid bce", "gdl onehot ce",
+    "dice focal ignore", "tversky focal softmax",
+])  # fmt: skip
+def test_accelerator_mode_loss_has_no_host_sync_and_matches_host_mode(monkeypatch, name):
+    """What a GPU runs, on CPU (``fused._HOST_DEVICES`` emptied: the always-shifted softmax, blocked class sums,
+    device assertions): forward and backward read nothing back on the host, and equal the host path."""
+    loss_cls, kwargs = DETERMINISTIC_CASES[name]
+    x, labels = _make_case(SHAPES["3d"], dtype=torch.float32)
+    labels = _with_ignored(labels, 255) if kwargs.get("ignore_index") == 255 else labels
+    y = labels if kwargs.get("to_onehot_y") else R.one_hot(labels[:, 0], 4, torch.float32)
+    loss = loss_cls(**kwargs)
+    expected = _value_and_grad(loss, x, y)
+    with monkeypatch.context() as m:
+        m.setattr(fused, "_HOST_DEVICES", set())
+        forbid_host_syncs(m)
+        got = _value_and_grad(loss, x, y)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-8)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import forbid_host_syncs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ignite.engine import Engine
@@ -350,6 +351,24 @@ def test_update_under_autocast_counts_exactly(kwargs, dtype):
     assert got == expected
 
 
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_update_counts_with_autocast_off(monkeypatch, activation):
+    """Inside an evaluator's ``torch.autocast`` the counting code runs with autocast off (float16 counts are exact
+    only up to 2048). White-box: nothing it calls today is autocast-eligible, so no count shows the difference."""
+    seen = []
+    for name in ("label_terms", "per_class_terms"):
+        real = getattr(metrics_module, name)
+
+        def spy(*args, real=real, **kwargs):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(metrics_module, name, spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        PerClassDice(3, activation=activation).update(make_batches(1, 2, 3, (4, 4))[0])
+    assert seen == [False]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # life cycle, names, state
 # --------------------------------------------------------------------------------------------------------------------
@@ -506,7 +525,7 @@ def test_accelerator_mode_update_has_no_host_sync_and_matches_host_mode(monkeypa
     accelerated = PerClassDice(4, **kwargs)
     with monkeypatch.context() as m:
         m.setattr(fused, "_HOST_DEVICES", set())
-        _forbid_host_syncs(m)
+        forbid_host_syncs(m)
         for b in batches:
             accelerated.update(b)
     assert accelerated.compute() == pytest.approx(expected, abs=1e-12, nan_ok=True)
