@@ -29,7 +29,15 @@ from typing import NamedTuple, TypeVar
 import torch
 import torch.nn.functional as F
 
-from monai_gdl_plus.fused import Focal, _on_host, autocast_off, class_sums, fused_label_terms
+from monai_gdl_plus.fused import (
+    Focal,
+    _on_host,
+    _sigmoid_focal,
+    _softmax_focal,
+    autocast_off,
+    class_sums,
+    fused_label_terms,
+)
 from monai_gdl_plus.options import (
     ABSENT_WEIGHTS,
     REDUCTIONS,
@@ -789,14 +797,6 @@ def _bce_term(x: torch.Tensor, prep: Prepared, pos_weight: torch.Tensor | None, 
     return per_voxel.sum() / (count.clamp_min(1.0) if isinstance(count, torch.Tensor) else count)
 
 
-def _sigmoid_focal(x: torch.Tensor, positive: bool, gamma: float, alpha: float | None) -> torch.Tensor:
-    """Sigmoid focal loss of logits whose target is all 1 (``positive``) or all 0:
-    ``sigma(-+x)**gamma * softplus(+-x)``, times ``alpha`` or ``1 - alpha``."""
-    z = -x if positive else x
-    f = torch.exp(gamma * F.logsigmoid(z)) * F.softplus(z)
-    return f if alpha is None else f * (alpha if positive else 1.0 - alpha)
-
-
 def focal_sums(
     input: torch.Tensor, prep: Prepared, *, gamma: float = 2.0, alpha: float | None = None, softmax: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -818,23 +818,22 @@ def focal_sums(
     x = x.reshape(b, c, -1)
     m = prep.mask
     count = _voxel_counts(x, m)
+    focal = Focal(2 if softmax else 1, gamma, alpha)
     if softmax:
         logp = torch.log_softmax(x, 1)
         if prep.labels is not None:
             lp = logp.gather(1, prep.labels[:, None]).squeeze(1)
-            per_voxel = -((1.0 - lp.exp()) ** gamma) * lp
-            if alpha is not None:
-                per_voxel = per_voxel * torch.where(prep.labels == 0, 1.0 - alpha, alpha)
+            per_voxel = _softmax_focal(lp, prep.labels, focal)
             per_voxel = per_voxel if m is None else per_voxel * m
             return class_sums(per_voxel, prep.labels, c).to(x.dtype), count
         per_element = -((1.0 - logp.exp()) ** gamma) * logp * _dense(prep)
         if alpha is not None:
             per_element = per_element * torch.tensor([1.0 - alpha] + [alpha] * (c - 1), dtype=x.dtype).to(x)[:, None]
     elif prep.labels is not None:
-        negatives = _sigmoid_focal(x, False, gamma, alpha)
+        negatives = _sigmoid_focal(x, False, focal)
         negatives = negatives.sum(-1) if m is None else (negatives * m[:, None]).sum(-1)
         xt = x.gather(1, prep.labels[:, None]).squeeze(1)
-        fix = _sigmoid_focal(xt, True, gamma, alpha) - _sigmoid_focal(xt, False, gamma, alpha)
+        fix = _sigmoid_focal(xt, True, focal) - _sigmoid_focal(xt, False, focal)
         fix = fix if m is None else fix * m
         return negatives + class_sums(fix, prep.labels, c).to(x.dtype), count
     else:

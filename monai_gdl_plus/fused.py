@@ -120,10 +120,10 @@ def _sigmoid_focal(x: torch.Tensor, positive: bool, focal: Focal, grad: bool = F
     sp = F.softplus(z)
     sg = s.pow(focal.gamma)
     a = 1.0 if focal.alpha is None else focal.alpha if positive else 1.0 - focal.alpha
-    if not grad:
-        return sg.mul_(sp).mul_(a)
-    d = sp.mul_(1.0 - s).mul_(focal.gamma).add_(s).mul_(sg).mul_(a)
-    return d.neg_() if positive else d
+    if not grad:  # out of place: the plain autograd path differentiates this too
+        return sg * sp * a
+    d = (sp * (1.0 - s) * focal.gamma + s) * sg * a
+    return -d if positive else d
 
 
 def _softmax_focal(lp: torch.Tensor, lab: torch.Tensor, focal: Focal, grad: bool = False) -> torch.Tensor:
@@ -133,9 +133,9 @@ def _softmax_focal(lp: torch.Tensor, lab: torch.Tensor, focal: Focal, grad: bool
     p = lp.exp()
     omp = (1.0 - p).clamp_min(torch.finfo(lp.dtype).tiny)
     if grad:
-        v = (focal.gamma * omp.pow(focal.gamma - 1.0) * p * lp).sub_(omp.pow(focal.gamma))
-    else:
-        v = omp.pow(focal.gamma).mul_(lp).neg_()
+        v = focal.gamma * omp.pow(focal.gamma - 1.0) * p * lp - omp.pow(focal.gamma)
+    else:  # out of place: the plain autograd path differentiates this too
+        v = -omp.pow(focal.gamma) * lp
     return v if focal.alpha is None else v * torch.where(lab == 0, 1.0 - focal.alpha, focal.alpha)
 
 
