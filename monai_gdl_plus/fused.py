@@ -183,13 +183,16 @@ def _forward_chunks(
     host = _on_host(dev)
     blocked = not host
     tsum = class_sums(mask, labels, c, blocked)  # before the big buffer: its float64 copy of the mask is freed
+    # the sigmoid-form focal term needs only the logits: summed before the big buffer exists, so that its
+    # chunk temporaries add nothing to the peak
+    fsum = _sigmoid_focal_sums(x, labels, mask, focal, dtype, blocked) if focal.kind == 1 else None
     e = torch.empty((b, c, n), dtype=dtype, device=dev)
     advise_huge_pages(e)  # before the first write: far fewer page faults (see memory.py)
     r = torch.empty((b, n), dtype=dtype, device=dev) if softmax else None
     pt = torch.empty((b, 1, n), dtype=dtype, device=dev)  # the true class's probability
     inter, psum = (torch.zeros((b, c), dtype=torch.float64, device=dev) for _ in range(2))
     nll = torch.zeros((), dtype=torch.float64, device=dev)
-    fsum = torch.zeros((b, c), dtype=torch.float64, device=dev)
+    fsum = torch.zeros((b, c), dtype=torch.float64, device=dev) if fsum is None else fsum
     unshifted = host and dtype in _SAFE_SUM_LOG2  # a range check is free only on the host
     bound = 2.0 ** _SAFE_SUM_LOG2.get(dtype, 0)
     step = _step(e)
@@ -228,16 +231,29 @@ def _forward_chunks(
             if focal.kind == 2:
                 fv = _softmax_focal(-nlp, lab, focal)
                 fsum += class_sums((fv if mc is None else fv * mc).squeeze(1), lab.squeeze(1), c, blocked)
-        if focal.kind == 1:  # every (class, voxel) as a negative, then the true class's correction
-            f0 = _sigmoid_focal(xc, False, focal)
-            fsum += f0.sum(-1) if mc is None else torch.bmm(mc, f0.transpose(1, 2)).squeeze(1)
-            xt = xc.gather(1, lab)
-            fix = _sigmoid_focal(xt, True, focal).sub_(_sigmoid_focal(xt, False, focal))
-            fsum += class_sums((fix if mc is None else fix * mc).squeeze(1), lab.squeeze(1), c, blocked)
+
         qc = ec * ec if squared else ec
         psum += qc.sum(-1) if wv is None else torch.bmm(wv, qc.transpose(1, 2)).squeeze(1)
         inter += class_sums((tp if mc is None else tp * mc).squeeze(1), lab.squeeze(1), c, blocked)
     return e, r, pt.squeeze(1), inter.to(dtype), psum.to(dtype), tsum.to(dtype), nll.to(dtype), fsum.to(dtype)
+
+
+def _sigmoid_focal_sums(x, labels, mask, focal: Focal, dtype: torch.dtype, blocked: bool) -> torch.Tensor:
+    """(B, C) float64 sums of the sigmoid-form focal term over quarter-size chunks: every (class, voxel) as a
+    negative, then the true class's correction (positive minus negative) by a class histogram."""
+    b, c, n = x.shape
+    fsum = torch.zeros((b, c), dtype=torch.float64, device=x.device)
+    step = max(1, _step(x) // 4)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        xc, lab = x[:, :, lo:hi].to(dtype), labels[:, None, lo:hi]
+        mc = None if mask is None else mask[:, None, lo:hi]
+        f0 = _sigmoid_focal(xc, False, focal)
+        fsum += f0.sum(-1) if mc is None else torch.bmm(mc, f0.transpose(1, 2)).squeeze(1)
+        xt = xc.gather(1, lab)
+        fix = _sigmoid_focal(xt, True, focal) - _sigmoid_focal(xt, False, focal)
+        fsum += class_sums((fix if mc is None else fix * mc).squeeze(1), lab.squeeze(1), c, blocked)
+    return fsum
 
 
 class _FusedLabelTerms(torch.autograd.Function):
