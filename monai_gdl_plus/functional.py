@@ -22,6 +22,7 @@ References: Milletari et al. 2016 (V-Net, squared denominator); Sudre et al. 201
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, TypeVar
@@ -726,21 +727,40 @@ def cross_entropy_term(
 
     Ignored voxels are left out; ``class_weight`` is CE's ``weight`` or BCE's ``pos_weight``.
     """
+    return _cross_entropy_parts(input, prep, sigmoid, class_weight, label_smoothing).value(reduction)
+
+
+class _Mean(NamedTuple):
+    """A per-voxel term as a sum and its mean's denominator (both sums, so that processes can add them up)."""
+
+    num: torch.Tensor
+    den: torch.Tensor
+
+    def value(self, reduction: str) -> torch.Tensor:
+        return self.num if reduction == "sum" else self.num / self.den
+
+
+def _cross_entropy_parts(
+    input: torch.Tensor, prep: Prepared, sigmoid: bool, class_weight: torch.Tensor | None, label_smoothing: float
+) -> _Mean:
     x = plain_tensor(input)
     x = x.float() if x.dtype in _LOW_PRECISION else x
     b, num_ch = x.shape[:2]
     x = x.reshape(b, num_ch, -1)
     w = None if class_weight is None else class_weight.to(x)
     if sigmoid or num_ch == 1:
-        return _bce_term(x, prep, w, reduction)
+        return _bce_parts(x, prep, w)
     if prep.labels is not None:
-        ce = _label_map_ce(x, prep.labels, prep.mask, w, label_smoothing).sum()
-        return ce if reduction == "sum" else ce / _ce_count(prep, w)
+        return _Mean(_label_map_ce(x, prep.labels, prep.mask, w, label_smoothing).sum(), _ce_count(prep, w))
     target = _dense(prep)
-    if prep.mask is None:
-        return F.cross_entropy(x, target, weight=w, label_smoothing=label_smoothing, reduction=reduction)
-    ce = F.cross_entropy(x, target, weight=w, label_smoothing=label_smoothing, reduction="none") * prep.mask
-    return ce.sum() if reduction == "sum" else ce.sum() / prep.mask.sum().clamp_min(1.0)
+    ce = F.cross_entropy(x, target, weight=w, label_smoothing=label_smoothing, reduction="none")
+    if prep.mask is None:  # probability targets: the mean is over voxels, whatever the weights
+        return _Mean(ce.sum(), _as_count(ce.numel(), ce))
+    return _Mean((ce * prep.mask).sum(), prep.mask.sum().clamp_min(1.0))
+
+
+def _as_count(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(float(n), dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
 
 
 def _label_map_ce(
@@ -762,12 +782,12 @@ def _label_map_ce(
     return nll if mask is None else nll * mask
 
 
-def _ce_count(prep: Prepared, weight: torch.Tensor | None) -> torch.Tensor | int:
+def _ce_count(prep: Prepared, weight: torch.Tensor | None) -> torch.Tensor:
     """Denominator of a mean CE over a label map: the summed class weights of the counted voxels (as torch)."""
     if prep.labels is None:
         raise ValueError("_ce_count needs a label-map target.")
     if weight is None and prep.mask is None:
-        return prep.labels.numel()
+        return _as_count(prep.labels.numel(), prep.probs)
     acc = torch.promote_types(prep.probs.dtype, torch.float32)
     wt = prep.mask.to(acc) if weight is None else weight.to(acc)[prep.labels]
     if weight is not None and prep.mask is not None:
@@ -775,7 +795,7 @@ def _ce_count(prep: Prepared, weight: torch.Tensor | None) -> torch.Tensor | int
     return wt.sum().clamp_min(torch.finfo(acc).tiny)
 
 
-def _bce_term(x: torch.Tensor, prep: Prepared, pos_weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+def _bce_parts(x: torch.Tensor, prep: Prepared, pos_weight: torch.Tensor | None) -> _Mean:
     """Per-channel BCE-with-logits ``pw*g*softplus(-x) + (1-g)*softplus(x)``; a label map is gathered, not one-hot."""
     pw = None if pos_weight is None else pos_weight.reshape(-1, 1) if pos_weight.ndim else pos_weight
     if prep.labels is not None:
@@ -788,13 +808,8 @@ def _bce_term(x: torch.Tensor, prep: Prepared, pos_weight: torch.Tensor | None, 
         per_voxel = loss.sum(1)
     num_ch = x.shape[1]
     if prep.mask is not None:
-        per_voxel = per_voxel * prep.mask
-        count = prep.mask.sum() * num_ch
-    else:
-        count = per_voxel.numel() * num_ch
-    if reduction == "sum":
-        return per_voxel.sum()
-    return per_voxel.sum() / (count.clamp_min(1.0) if isinstance(count, torch.Tensor) else count)
+        return _Mean((per_voxel * prep.mask).sum(), (prep.mask.sum() * num_ch).clamp_min(1.0))
+    return _Mean(per_voxel.sum(), _as_count(per_voxel.numel() * num_ch, per_voxel))
 
 
 def focal_sums(
@@ -859,11 +874,15 @@ def focal_from_sums(
     """The focal term from :func:`focal_sums` of the kept classes, as MONAI's ``FocalLoss`` reduces it: ``"mean"``
     over every (sample, class, counted voxel); ``"sum"`` of the per-(sample, class) means over voxels. ``weight``
     multiplies each class."""
+    return _focal_parts(sums, count, weight, reduction).value(reduction)
+
+
+def _focal_parts(sums: torch.Tensor, count: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> _Mean:
     if weight is not None:
         sums = sums * weight.to(sums)
-    if reduction == "sum":
-        return (sums / count[:, None].clamp_min(1.0)).sum()
-    return sums.sum() / (count.sum() * sums.shape[1]).clamp_min(1.0)
+    if reduction == "sum":  # per-sample means: their sum is what processes add up
+        return _Mean((sums / count[:, None].clamp_min(1.0)).sum(), count.sum())
+    return _Mean(sums.sum(), (count.sum() * sums.shape[1]).clamp_min(1.0))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -877,9 +896,9 @@ def _loss_parts(
     weight: torch.Tensor | None,
     o: DiceOptions,
     focal_weight: torch.Tensor | None = None,
-) -> tuple[DiceTerms, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Kept-channel terms, true volumes, static Dice weights and the per-voxel terms ``lambda_ce * CE +
-    lambda_focal * focal`` (None without them). The focal term's class weights are ``weight``'s unless
+) -> tuple[DiceTerms, torch.Tensor, torch.Tensor | None, list[tuple[float, _Mean]]]:
+    """Kept-channel terms, true volumes, static Dice weights and the per-voxel terms as ``(lambda, sum and
+    denominator)`` pairs (CE, focal; none without them). The focal term's class weights are ``weight``'s unless
     ``focal_weight`` is given.
 
     A label map with a softmax or sigmoid takes the fused one-hot-free path (:mod:`monai_gdl_plus.fused`, analytic
@@ -915,7 +934,7 @@ def _loss_parts(
             with_ce=fuse_ce, focal=focal,
         )  # fmt: skip
         if fuse_ce:
-            ce = nll if o.reduction == "sum" else nll / _ce_count(prep, ce_wx)
+            ce = _Mean(nll, _ce_count(prep, ce_wx))
         if fuse_focal:
             focal_sum = fsum
         terms, vol = _select(DiceTerms(inter, psum, tsum), tsum, prep.keep)
@@ -924,19 +943,16 @@ def _loss_parts(
         prep = prep._replace(probs=probs.reshape(prep.probs.shape))
         terms, vol = _terms_and_volumes(prep, o.squared_pred, o.soft_label)
     if want_ce and ce is None:
-        ce = cross_entropy_term(
-            x, prep, sigmoid=o.sigmoid, ignore_index=o.ignore_index, class_weight=ce_w,
-            label_smoothing=o.label_smoothing, reduction=o.reduction,
-        )  # fmt: skip
-    extra = None if ce is None else o.lambda_ce * ce
+        ce = _cross_entropy_parts(x, prep, o.sigmoid, ce_w, o.label_smoothing)
+    extras = [] if ce is None else [(o.lambda_ce, ce)]
     if o.lambda_focal > 0:
         if focal_sum is None:
             focal_sum, count = focal_sums(x, prep, gamma=o.gamma, alpha=focal_alpha, softmax=o.focal_softmax)
         else:
             count = _voxel_counts(x, prep.mask)
-        fl = focal_from_sums(take_channels(focal_sum, prep.keep, 1), count, focal_w, o.reduction)
-        extra = o.lambda_focal * fl if extra is None else extra + o.lambda_focal * fl
-    return terms, vol, dice_w, extra
+        extras.append((o.lambda_focal, _focal_parts(take_channels(focal_sum, prep.keep, 1), count, focal_w,
+                                                    o.reduction)))  # fmt: skip
+    return terms, vol, dice_w, extras
 
 
 def take_channels(t: torch.Tensor, keep: tuple[int, ...], dim: int) -> torch.Tensor:
@@ -959,10 +975,32 @@ def _select(terms: DiceTerms, vol: torch.Tensor, keep: tuple[int, ...]) -> tuple
     return DiceTerms(*(take_channels(t, keep, 1) for t in terms)), take_channels(vol, keep, 1)
 
 
-def _combine(dice: torch.Tensor, extra: torch.Tensor | None, lambda_dice: float) -> torch.Tensor:
-    if extra is None:
-        return dice if lambda_dice == 1.0 else lambda_dice * dice
-    return lambda_dice * dice + extra
+def _combine(dice: torch.Tensor, extras: list[tuple[float, _Mean]], o: DiceOptions) -> torch.Tensor:
+    """``lambda_dice * dice + sum(lambda * term)`` over the per-voxel terms."""
+    out = dice if o.lambda_dice == 1.0 else o.lambda_dice * dice
+    for lam, term in extras:
+        out = out + lam * term.value(o.reduction)
+    return out
+
+
+def _sync(
+    terms: DiceTerms, vol: torch.Tensor, extras: list[tuple[float, _Mean]]
+) -> tuple[DiceTerms, torch.Tensor, list[tuple[float, _Mean]]]:
+    """``sync_batch``: the batch sums of every process added up, with gradient, in one collective. A no-op without
+    an initialised process group (or with one process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return terms, vol, extras
+    from torch.distributed.nn.functional import all_reduce  # differentiable: its backward all-reduces the gradient
+
+    parts = [*terms, vol, *(t for _, term in extras for t in term)]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in parts))
+    sizes = [t.numel() for t in parts]
+    flat = all_reduce(torch.cat([t.reshape(-1).to(dtype) for t in parts]))
+    out = [chunk.reshape(t.shape).to(t.dtype) for chunk, t in zip(torch.split(flat, sizes), parts)]
+    c = len(terms)
+    synced = [(lam, _Mean(*out[c + 1 + 2 * i: c + 3 + 2 * i])) for i, (lam, _) in enumerate(extras)]
+    return DiceTerms(*out[:c]), out[c], synced
 
 
 def dice_plus_loss(
@@ -985,16 +1023,18 @@ def dice_plus_loss(
     """
     o = _options(DiceOptions, options, kwargs)
     with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to
-        terms, _, dice_w, extra = _loss_parts(input, target, _weight(weight), o)
+        terms, vol, dice_w, extras = _loss_parts(input, target, _weight(weight), o)
         if o.batch:
-            terms = DiceTerms(*(t.sum(0) for t in terms))
+            terms, vol = DiceTerms(*(t.sum(0) for t in terms)), vol.sum(0)
+        if o.sync_batch:
+            terms, vol, extras = _sync(terms, vol, extras)
         if o.tversky is not None:
             f = tversky_from_terms(terms, *o.tversky, smooth_nr=o.smooth_nr, smooth_dr=o.smooth_dr)
         else:
             f = dice_from_terms(terms, o.smooth_nr, o.smooth_dr, o.jaccard)
         if dice_w is not None:
             f = f * dice_w.to(f)
-        return _combine(reduce_loss(f, o.reduction), extra, o.lambda_dice)
+        return _combine(reduce_loss(f, o.reduction), extras, o)
 
 
 def generalized_dice_plus_loss(
@@ -1021,15 +1061,17 @@ def generalized_dice_plus_loss(
     """
     o = _options(GeneralizedDiceOptions, options, kwargs)
     with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to
-        terms, vol, dice_w, extra = _loss_parts(input, target, _weight(weight), o, _weight(focal_weight))
+        terms, vol, dice_w, extras = _loss_parts(input, target, _weight(weight), o, _weight(focal_weight))
         if o.batch:
             terms, vol = DiceTerms(*(t.sum(0) for t in terms)), vol.sum(0)
+        if o.sync_batch:
+            terms, vol, extras = _sync(terms, vol, extras)
         f = generalized_dice_from_terms(
             terms, vol, w_type=o.w_type, absent_weight=o.absent_weight, static_weight=dice_w,
             normalize_weights=o.normalize_weights, smooth_nr=o.smooth_nr, smooth_dr=o.smooth_dr, jaccard=o.jaccard,
             tversky=o.tversky,
         )  # fmt: skip
-        return _combine(reduce_loss(f, o.reduction), extra, o.lambda_dice)
+        return _combine(reduce_loss(f, o.reduction), extras, o)
 
 
 _O = TypeVar("_O", bound=DiceOptions)

@@ -145,6 +145,10 @@ class DicePlusLoss(_DiceFamilyLoss):
         focal_alpha: alpha-balance of the focal term: ``alpha`` on positives, ``1 - alpha`` on negatives (softmax
             form: ``1 - alpha`` on the background class, ``alpha`` on the others).
         focal_softmax: the softmax form ``-(1 - p_y)**gamma log p_y`` instead (MONAI ``FocalLoss(use_softmax=True)``).
+        sync_batch: with ``batch=True``, add up the batch terms (per-class sums, CE and focal sums and their
+            counts) of every process of the default ``torch.distributed`` group, with gradient, in one
+            ``all_reduce``: the value is one process's on the global batch, and after DDP's gradient averaging the
+            parameters' gradients are one process's. Without an initialised process group, the plain batch loss.
         validate: run every value check even on an accelerator (synchronising), and scan ``input`` for NaN/Inf.
 
     Shapes:
@@ -269,7 +273,8 @@ class GeneralizedDicePlusLoss(_DiceFamilyLoss):
         ignore_index: as in :class:`DicePlusLoss`.
         absent_weight: ``"max"``, ``"zero"`` or a float >= 0.
         normalize_weights: divide the weights by their sum per sample (per batch with ``batch=True``).
-        lambda_dice, lambda_ce, label_smoothing, validate: as in :class:`DicePlusLoss`.
+        lambda_dice, lambda_ce, label_smoothing, lambda_focal, gamma, focal_alpha, focal_softmax, sync_batch,
+            validate: as in :class:`DicePlusLoss` (with ``sync_batch`` the GDL weights come from the global volumes).
 
     Shapes:
         input (B, C, *S); target (B, C, *S) or (B, 1, *S) labels with ``to_onehot_y``.

@@ -89,6 +89,7 @@ class DiceOptions:
     gamma: float = 2.0
     focal_alpha: float | None = None
     focal_softmax: bool = False
+    sync_batch: bool = False
     validate: bool = False
 
     def __post_init__(self) -> None:
@@ -124,6 +125,10 @@ class DiceOptions:
                 )
         if self.focal_alpha is not None:
             put("focal_alpha", _number("focal_alpha", self.focal_alpha, 0.0, 1.0))
+        if self.sync_batch and not self.batch:
+            raise ValueError(
+                "`sync_batch=True` sums the batch terms over every process and needs `batch=True`, got batch=False."
+            )
         for name in ("lambda_ce", "lambda_focal"):
             if getattr(self, name) > 0 and self.reduction == "none":
                 raise ValueError(
