@@ -283,7 +283,10 @@ class GeneralizedDicePlusLoss(_DiceFamilyLoss):
 
     options_class = GeneralizedDiceOptions
     function = staticmethod(GF.generalized_dice_plus_loss)
-    positional = (*_DICE_ORDER, "w_type", "reduction", "smooth_nr", "smooth_dr", "batch", "soft_label")
+    positional: ClassVar[tuple[str, ...]] = (
+        *_DICE_ORDER, "w_type", "reduction", "smooth_nr", "smooth_dr", "batch", "soft_label",
+    )  # fmt: skip
+    options: GeneralizedDiceOptions
 
 
 class GeneralizedDiceFocalPlusLoss(GeneralizedDicePlusLoss):
