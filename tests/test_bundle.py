@@ -213,3 +213,128 @@ def test_monai_bundle_cli_runs_with_a_short_name_variant(tmp_path):
     log = proc.stdout + proc.stderr
     assert "dice/lesion" in log and "val_mean_dice" in log  # StatsHandler and PerClassDiceLogger output
     _check_run_folder(out, 1, ["organ", "structure2", "lesion"])
+
+
+# ------------------------------------------------------------------------------------------------ multi-process
+
+MULTI = CONFIG.with_name("multi_gpu_train.yaml")
+# 7 synthetic volumes with val_fraction 0.45: round(3.15) = 3 validation volumes (odd: 2 + 1 over two ranks, no
+# padding duplicates) and 4 training volumes (2 per rank, one batch of 2 each)
+MULTI_ARGS = ["--epochs", "2", "--patch_size", "[16, 16, 16]", "--synthetic#num_samples", "7", "--val_fraction", "0.45"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cpu_env() -> dict:
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(_free_port())]  # fmt: skip
+
+
+def test_multi_gpu_config_disables_the_intended_handlers_on_other_ranks():
+    # multi_gpu_train.yaml disables handlers by index in train.yaml's lists: the indices must name the file
+    # writers/loggers, never the LrScheduleHandler/ValidationHandler that every rank has to run
+    parser = ConfigParser()
+    parser.read_config([str(CONFIG), str(MULTI)])
+    disabled = {k.rsplit("#", 1)[0] for k in ConfigParser.load_config_file(str(MULTI)) if k.endswith("#_disabled_")}
+    targets = {k: parser[f"{k}#_target_"] for k in disabled}
+    assert targets == {
+        "train#handlers#2": "StatsHandler",
+        "train#handlers#3": "TensorBoardStatsHandler",
+        "validate#handlers#0": "StatsHandler",
+        "validate#handlers#1": "TensorBoardStatsHandler",
+        "validate#handlers#2": "CheckpointSaver",
+        "validate#per_class_dice_logger": "monai_gdl_plus.PerClassDiceLogger",
+    }
+    assert [h["_target_"] for h in parser["train#handlers"][:2]] == ["LrScheduleHandler", "ValidationHandler"]
+    assert parser["loss#batch"] is True and parser["loss#sync_batch"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bundle_under_torchrun_two_cpu_processes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        *_torchrun(2), "-m", "monai.bundle", "run", "--config_file", f"['{CONFIG}','{MULTI}']",
+        *MULTI_ARGS, "--output_dir", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_cpu_env(), check=False, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    _check_run_folder(out, 2, ["organ", "structure2", "lesion"])  # one CSV row per epoch: no duplicates
+    with open(out / "per_class_dice.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+    # rank 0 alone wrote the folder: the two TensorBoard handlers' event files (as one process writes), both from
+    # one process id (event file names end in <host>.<pid>.<n>), the checkpoint, the CSV and the PNG
+    events = sorted(p.name for p in out.glob("events.out.tfevents.*"))
+    assert len(events) == 2 and len({name.split(".")[-2] for name in events}) == 1, events
+    files = sorted(p.name for p in out.iterdir() if not p.name.startswith("events."))
+    assert files == ["model.pt", "per_class_dice.csv", "per_class_dice.png"]
+    state = torch.load(out / "model.pt", map_location="cpu")  # the plain network's weights (no DDP "module.")
+    assert not any(k.startswith("module.") for k in state)
+
+
+_VALIDATE_ONCE = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    from monai.bundle import ConfigParser
+
+    out_dir, files, overrides = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.update(overrides)
+    parser.get_parsed_content("initialize")  # multi: the process group (gloo), ignite's view of it
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    net = getattr(evaluator.network, "module", evaluator.network)  # DDP shares the module's parameters
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the same fixed weights on every process, whatever the global RNG went through
+        for p in net.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    evaluator.run()
+    rank = int(os.environ.get("RANK", "-1"))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"volumes": evaluator.state.iteration, "metrics": evaluator.state.metrics}, f)
+    if "finalize" in parser:
+        parser.get_parsed_content("finalize")
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_distributed_validation_equals_one_process(tmp_path):
+    script = tmp_path / "validate_once.py"
+    script.write_text(_VALIDATE_ONCE)
+    overrides = {"patch_size": [16, 16, 16], "synthetic#num_samples": 7, "val_fraction": 0.45}
+    runs = {
+        "single": ([sys.executable, str(script)], [str(CONFIG)]),
+        "multi": ([*_torchrun(2), str(script)], [str(CONFIG), str(MULTI)]),
+    }
+    results = {}
+    for name, (launcher, files) in runs.items():
+        out = tmp_path / name
+        out.mkdir()
+        args = [str(out), json.dumps(files), json.dumps({**overrides, "output_dir": str(out / "run")})]
+        proc = subprocess.run(
+            [*launcher, *args], capture_output=True, text=True, timeout=300, env=_cpu_env(), check=False, cwd=out
+        )
+        assert proc.returncode == 0, (name, proc.stdout[-3000:], proc.stderr[-3000:])
+        results[name] = {p.stem: json.loads(p.read_text()) for p in out.glob("rank*.json")}
+    single = results["single"]["rank-1"]
+    assert single["volumes"] == 3
+    # the validation volumes split 2 + 1 over the ranks, each counted once (no padding duplicates)
+    assert sorted(r["volumes"] for r in results["multi"].values()) == [1, 2]
+    for rank in ("rank0", "rank1"):  # the all-reduced metric: the same, exact value on every rank
+        metrics = results["multi"][rank]["metrics"]
+        assert set(metrics) == set(single["metrics"]) and {"dice/lesion", "dice/mean", "val_mean_dice"} <= set(metrics)
+        for key, value in single["metrics"].items():
+            assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), (rank, key)
