@@ -497,19 +497,6 @@ def test_cuda_update_has_no_host_sync_and_matches_cpu(kwargs):
     assert metric.compute() == pytest.approx(cpu.compute(), abs=1e-12, nan_ok=True)
 
 
-def _forbid_host_syncs(monkeypatch):
-    """Make every call that would wait for an accelerator raise: reading a tensor on the host, ``bincount``
-    (sizes its output from the data), ``unique`` and ``nonzero`` (data-dependent shapes)."""
-
-    def sync(*args, **kwargs):
-        raise AssertionError("host sync in accelerator mode")
-
-    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, sync)
-    for name in ("bincount", "unique", "nonzero"):
-        monkeypatch.setattr(torch, name, sync)
-
-
 @pytest.mark.parametrize("kwargs", [{}, {"aggregation": "per_image"}, {"activation": "sigmoid"}, {"ignore_index": 255}])
 def test_accelerator_mode_update_has_no_host_sync_and_matches_host_mode(monkeypatch, kwargs):
     """The CPU counterpart of the CUDA test: with ``fused._HOST_DEVICES`` empty, CPU tensors take the accelerator
