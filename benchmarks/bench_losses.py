@@ -17,7 +17,7 @@ arithmetic alone; two more views of the same question::
     MONAI_GDL_PLUS_HUGE_PAGES=0 python benchmarks/bench_losses.py --no-memory   # ours in 4 KiB pages too
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_losses.py --no-memory        # every big tensor on huge pages
 
-Method and columns: see :mod:`monai_gdl_plus.bench` (one process for all timings, warm-ups, round-robin rounds,
+Method and columns: see :mod:`monai_gdl_plus.app.bench` (one process for all timings, warm-ups, round-robin rounds,
 medians; peak extra memory from a fresh subprocess per case). nnU-Net v2 is compared when importable
 (``pip install --no-deps nnunetv2``), otherwise its row says "not installed".
 
@@ -34,7 +34,7 @@ import math
 import sys
 from collections.abc import Sequence
 
-from monai_gdl_plus import bench
+from monai_gdl_plus.app import bench
 
 SHAPES = [(2, 4, 96, 96, 96), (2, 16, 64, 64, 64), (1, 105, 64, 64, 64)]
 TIME_SHAPES = ("2x16x64x64x64", "1x105x64x64x64")

@@ -5,7 +5,7 @@ syncs.
     python benchmarks/gpu_check.py
 
 Prints one line per check and exits non-zero if any fails. Timing and memory against MONAI/nnU-Net on CUDA come
-from ``gdl-plus bench --device cuda`` (``monai_gdl_plus.bench``).
+from ``gdl-plus bench --device cuda`` (``monai_gdl_plus.app.bench``).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from typing import NamedTuple, TypeVar
 import torch
 import torch.nn.functional as F
 
-from monai_gdl_plus.fused import (
+from monai_gdl_plus._fused import (
     Focal,
     _on_host,
     _sigmoid_focal,
@@ -687,7 +687,7 @@ def reduce_loss(f: torch.Tensor, reduction: str) -> torch.Tensor:
     return f
 
 
-def split_weight(
+def _split_weight(
     weight: torch.Tensor | None, num_classes: int, include_background: bool, keep: tuple[int, ...]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Static weights for the Dice sums (one per kept channel) and for the CE term (one per class).
@@ -710,7 +710,7 @@ def split_weight(
             f"`weight` must have one value per class ({expected} for {num_classes} input channels with "
             f"include_background={include_background}), got length {weight.shape[0]}."
         )
-    return take_channels(full, keep, 0), full
+    return _take_channels(full, keep, 0), full
 
 
 def cross_entropy_term(
@@ -790,7 +790,11 @@ def _ce_count(prep: Prepared, weight: torch.Tensor | None) -> torch.Tensor:
     if weight is None and prep.mask is None:
         return _as_count(prep.labels.numel(), prep.probs)
     acc = torch.promote_types(prep.probs.dtype, torch.float32)
-    wt = prep.mask.to(acc) if weight is None else weight.to(acc)[prep.labels]
+    if weight is None:
+        assert prep.mask is not None  # neither weight nor mask returned above
+        wt = prep.mask.to(acc)
+    else:
+        wt = weight.to(acc)[prep.labels]
     if weight is not None and prep.mask is not None:
         wt = wt * prep.mask
     return wt.sum().clamp_min(torch.finfo(acc).tiny)
@@ -902,7 +906,7 @@ def _loss_parts(
     denominator)`` pairs (CE, focal; none without them). The focal term's class weights are ``weight``'s unless
     ``focal_weight`` is given.
 
-    A label map with a softmax or sigmoid takes the fused one-hot-free path (:mod:`monai_gdl_plus.fused`, analytic
+    A label map with a softmax or sigmoid takes the fused one-hot-free path (:mod:`monai_gdl_plus._fused`, analytic
     in-place backward; a custom op under ``torch.compile``); everything else the plain autograd path.
     """
     x = plain_tensor(input)
@@ -911,8 +915,11 @@ def _loss_parts(
         soft_label=o.soft_label, ignore_index=o.ignore_index, validate=o.validate,
     )  # fmt: skip
     num_ch = x.shape[1]
-    dice_w, ce_w = split_weight(weight, num_ch, o.include_background, prep.keep)
-    focal_w = dice_w if focal_weight is None else split_weight(focal_weight, num_ch, o.include_background, prep.keep)[0]
+    dice_w, ce_w = _split_weight(weight, num_ch, o.include_background, prep.keep)
+    if focal_weight is None:
+        focal_w = dice_w
+    else:
+        focal_w = _split_weight(focal_weight, num_ch, o.include_background, prep.keep)[0]
     if num_ch - (0 if o.include_background or num_ch == 1 else 1) == 1:
         dice_w = None  # as MONAI: no class weight on the Dice term when a single class is scored
     softmax = o.softmax and num_ch > 1
@@ -951,12 +958,12 @@ def _loss_parts(
             focal_sum, count = focal_sums(x, prep, gamma=o.gamma, alpha=focal_alpha, softmax=o.focal_softmax)
         else:
             count = _voxel_counts(x, prep.mask)
-        extras.append((o.lambda_focal, _focal_parts(take_channels(focal_sum, prep.keep, 1), count, focal_w,
+        extras.append((o.lambda_focal, _focal_parts(_take_channels(focal_sum, prep.keep, 1), count, focal_w,
                                                     o.reduction)))  # fmt: skip
     return terms, vol, dice_w, extras
 
 
-def take_channels(t: torch.Tensor, keep: tuple[int, ...], dim: int) -> torch.Tensor:
+def _take_channels(t: torch.Tensor, keep: tuple[int, ...], dim: int) -> torch.Tensor:
     """``t`` restricted to the indices ``keep`` along ``dim``, by slicing (an index tensor built from a Python list
     would be a host-to-device copy on every step; ``keep`` is a range with at most one hole)."""
     runs: list[tuple[int, int]] = []
@@ -973,7 +980,7 @@ def _select(terms: DiceTerms, vol: torch.Tensor, keep: tuple[int, ...]) -> tuple
     """Keep the channels in ``keep`` (classes on axis 1)."""
     if len(keep) == terms.intersection.shape[1]:
         return terms, vol
-    return DiceTerms(*(take_channels(t, keep, 1) for t in terms)), take_channels(vol, keep, 1)
+    return DiceTerms(*(_take_channels(t, keep, 1) for t in terms)), _take_channels(vol, keep, 1)
 
 
 def _combine(dice: torch.Tensor, extras: list[tuple[float, _Mean]], o: DiceOptions) -> torch.Tensor:

@@ -267,7 +267,7 @@ class PerClassDiceLogger:
         ax = fig.subplots()
         for c in self.columns:
             ys = [float(row[c]) for row in self.history]
-            style = {"color": "black", "linestyle": "--", "linewidth": 2} if c == "mean" else {}
+            style: dict[str, Any] = {"color": "black", "linestyle": "--", "linewidth": 2} if c == "mean" else {}
             ax.plot(xs, ys, marker="o", markersize=3, label=c, **style)
         ax.set_xlabel(x_key)
         ax.set_ylabel("Dice")

@@ -18,6 +18,7 @@ from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
+from monai_gdl_plus._fused import autocast_off
 from monai_gdl_plus.functional import (
     check_integer_labels,
     check_label_range,
@@ -27,7 +28,6 @@ from monai_gdl_plus.functional import (
     per_class_terms,
     plain_tensor,
 )
-from monai_gdl_plus.fused import autocast_off
 
 __all__ = ["PerClassDice", "ACTIVATIONS", "AGGREGATIONS"]
 

@@ -21,8 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from monai.utils import look_up_option
-
 __all__ = [
     "ABSENT_WEIGHTS",
     "REDUCTIONS",
@@ -46,6 +44,10 @@ AbsentWeight = Union[Literal["max", "zero"], float]
 
 def check_option(name: str, value: object, options: Sequence[str]) -> str:
     """Return ``value`` as one of ``options`` or raise a ValueError naming the argument (with "did you mean")."""
+    # imported here, not at the top: ``import monai`` loads all of MONAI's submodules, matplotlib and TensorBoard
+    # among them (about 3 s); ``import monai_gdl_plus`` stays free of that until a loss is built
+    from monai.utils import look_up_option
+
     try:
         return str(look_up_option(value, options))
     except ValueError as e:

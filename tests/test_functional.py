@@ -370,7 +370,7 @@ def test_gdl_function_rejects_unknown_w_type():
 
 def test_blocked_class_sums_equal_the_sequential_scatter():
     """The accelerator histogram (per-block partial sums) equals the CPU float64 scatter-add."""
-    from monai_gdl_plus.fused import _BLOCK, class_sums
+    from monai_gdl_plus._fused import _BLOCK, class_sums
 
     torch.manual_seed(0)
     n = 3 * _BLOCK + 17  # a ragged last block

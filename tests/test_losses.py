@@ -31,8 +31,8 @@ from monai_gdl_plus import (
     GeneralizedDiceFocalPlusLoss,
     GeneralizedDicePlusLoss,
     TverskyPlusLoss,
-    fused,
 )
+from monai_gdl_plus import _fused as fused
 from monai_gdl_plus.functional import per_class_terms
 
 SHAPES = {"3d": (2, 4, 6, 6, 6), "2d": (2, 3, 8, 8)}
@@ -1294,7 +1294,7 @@ def test_compiled_bad_label_raises_a_python_exception(kwargs):
 def test_compiled_loss_keeps_eager_memory():
     """Peak extra memory of a compiled forward+backward on a label map stays near one logits-sized buffer (the plain
     autograd graph that compile used to trace took 2.0x at this shape). Fresh subprocess, as ``gdl-plus bench``."""
-    from monai_gdl_plus import bench
+    from monai_gdl_plus.app import bench
 
     shape = (1, 105, 32, 32, 32)
     peak = bench._peak_cpu_subprocess("ours-dicece", shape, threads=2, seed=0, compiled=True)

@@ -18,7 +18,8 @@ from monai.metrics import DiceMetric
 from torchmetrics.segmentation import DiceScore
 
 import monai_gdl_plus.metrics as metrics_module
-from monai_gdl_plus import PerClassDice, fused
+from monai_gdl_plus import PerClassDice
+from monai_gdl_plus import _fused as fused
 
 NAN = float("nan")
 

@@ -1,6 +1,6 @@
 """Data for the bundle and the CLI: synthetic class-imbalanced 3D volumes, and Decathlon-format folders.
 
-Two sources feed the same bundle (``monai_gdl_plus/configs/train.yaml``):
+Two sources feed the same bundle (``monai_gdl_plus/app/configs/train.yaml``):
 
 - :func:`make_synthetic` generates volumes in memory: a large "organ" (class 1), medium structures, and a small
   "lesion" inside the organ (the last class, about 0.3% of the voxels), on a noisy background.
@@ -54,7 +54,7 @@ def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) 
 
 
 def _spatial_size(size: int | Sequence[int]) -> tuple[int, int, int]:
-    dims = (size,) * 3 if isinstance(size, (int, np.integer)) and not isinstance(size, bool) else tuple(size)
+    dims = (size,) * 3 if isinstance(size, (int, np.integer)) and not isinstance(size, bool) else tuple(size)  # type: ignore[arg-type]
     if len(dims) != 3 or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 8 for d in dims):
         raise ValueError(f"`size` must be an int or 3 ints, each >= 8, got {size!r}.")
     return tuple(int(d) for d in dims)  # type: ignore[return-value]
@@ -121,7 +121,7 @@ def make_synthetic(
     means = [0.0, 1.0] + [2.0 + 0.5 * k for k in range(num_classes - 3)] + [lesion_mean]
     means = means if num_classes > 2 else [0.0, lesion_mean]
     lesion_radius = max((3.0 * rare_fraction * float(np.prod(dims)) / (4.0 * math.pi)) ** (1.0 / 3.0), 0.75)
-    out = []
+    out: list[dict[str, np.ndarray]] = []
     for _ in range(num_samples):
         label = np.zeros(shape, dtype=np.int64)
         organ_center = dims / 2 + rng.uniform(-0.08, 0.08, 3) * dims
@@ -256,12 +256,13 @@ def _nifti_shape(path: str) -> tuple[int, ...]:
     import nibabel as nib
 
     try:
-        return tuple(int(s) for s in nib.load(path).shape)
+        img: Any = nib.load(path)  # a spatial image (nibabel's load is typed as the base class)
+        return tuple(int(s) for s in img.shape)
     except Exception as e:  # nibabel raises several types for unreadable files
         raise DatasetError(f"cannot read NIfTI file {path}: {type(e).__name__}: {e}") from None
 
 
-def check_label_file(path: str, num_classes: int, image_shape: tuple[int, ...] | None = None) -> np.ndarray:
+def _check_label_file(path: str, num_classes: int, image_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Check that a label volume holds integer class indices in [0, num_classes) and matches its image.
 
     Args:
@@ -278,7 +279,7 @@ def check_label_file(path: str, num_classes: int, image_shape: tuple[int, ...] |
     import nibabel as nib
 
     try:
-        img = nib.load(path)
+        img: Any = nib.load(path)
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises several types for unreadable files
         raise DatasetError(f"cannot read NIfTI file {path}: {type(e).__name__}: {e}") from None
@@ -378,7 +379,7 @@ def load_decathlon(data_dir: str | Path, *, check_labels: bool = True) -> Decath
                     f"image {item['image']} has shape {shape}: every image must be 3D or 4D with {in_channels} "
                     f"channel(s), like {items[0]['image']}"
                 )
-            counts += check_label_file(item["label"], len(class_names), shape)
+            counts += _check_label_file(item["label"], len(class_names), shape)
         class_voxels = tuple(int(c) for c in counts)
     name = str(meta.get("name") or root.name)
     return DecathlonDataset(root, name, class_names, in_channels, tuple(items), class_voxels)

@@ -1,4 +1,4 @@
-"""Tests of monai_gdl_plus.data: the synthetic generator, Decathlon folders and the bundle glue."""
+"""Tests of monai_gdl_plus.app.data: the synthetic generator, Decathlon folders and the bundle glue."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monai_gdl_plus.data import (
+from monai_gdl_plus.app.data import (
     BundleData,
     DatasetError,
     bundle_data,

@@ -14,7 +14,8 @@ softmax, float one-hot and their product). Both passes go chunk by chunk over vo
 per-voxel quantity lives for one cache-sized chunk.
 
 Time on CPU: one ``exp`` per logit and about five passes over cache-resident chunks, plus the kernel's first touch
-of the one fresh logits-sized buffer (the gradient-to-be), which is asked for huge pages (see ``memory.py``).
+of the one fresh logits-sized buffer (the gradient-to-be); PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` backs it (and every
+other large CPU tensor) with huge pages, far fewer page faults, a process-wide setting left to the user.
 
 A second backward through the same graph (``retain_graph=True``, ``gradcheck``) recomputes the activation from
 the saved logits; double backward (``create_graph=True``) is not supported (``once_differentiable``).
@@ -36,8 +37,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-
-from monai_gdl_plus.memory import advise_huge_pages
 
 __all__ = ["Focal", "autocast_off", "class_sums", "fused_label_terms"]
 
@@ -82,11 +81,11 @@ def class_sums(
     if not blocked and values is None and not torch.compiler.is_compiling():
         return torch.stack([torch.bincount(row, minlength=num_classes) for row in labels]).double()
     if not blocked:
-        ones = torch.ones(labels.shape, dtype=torch.float64, device=labels.device) if values is None else None
+        src = torch.ones(labels.shape, dtype=torch.float64, device=labels.device) if values is None else values.double()
         # each sample's row padded to whole 64-byte cache lines: threads adding into different samples' sums would
         # otherwise share a line (3-8x slower for B > 1 and few classes)
         out = torch.zeros(b, -(-num_classes // 8) * 8, dtype=torch.float64, device=labels.device)
-        return out.scatter_add_(1, labels, ones if values is None else values.double())[:, :num_classes]
+        return out.scatter_add_(1, labels, src)[:, :num_classes]
     if values is None:
         values = torch.ones(labels.shape, device=labels.device)
     blocks = -(-n // _BLOCK)
@@ -187,7 +186,6 @@ def _forward_chunks(
     # chunk temporaries add nothing to the peak
     fsum = _sigmoid_focal_sums(x, labels, mask, focal, dtype, blocked) if focal.kind == 1 else None
     e = torch.empty((b, c, n), dtype=dtype, device=dev)
-    advise_huge_pages(e)  # before the first write: far fewer page faults (see memory.py)
     r = torch.empty((b, n), dtype=dtype, device=dev) if softmax else None
     pt = torch.empty((b, 1, n), dtype=dtype, device=dev)  # the true class's probability
     inter, psum = (torch.zeros((b, c), dtype=torch.float64, device=dev) for _ in range(2))
@@ -218,6 +216,7 @@ def _forward_chunks(
                 torch.sub(xc, shift, out=ec)
                 ec.exp_()
                 tot = torch.bmm(ones, ec)
+            assert r is not None  # allocated for the softmax
             rc = torch.reciprocal(tot, out=r[:, None, lo:hi])
             tp = torch.gather(ec, 1, lab, out=pt[:, :, lo:hi]).mul_(rc)
             wv = rc * rc if squared else rc

@@ -1,4 +1,4 @@
-"""Tests of the shipped MONAI bundle (monai_gdl_plus/configs/train.yaml)."""
+"""Tests of the shipped MONAI bundle (monai_gdl_plus/app/configs/train.yaml)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from monai.losses import DiceCELoss  # noqa: E402
 
 from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss, PerClassDice, PerClassDiceLogger  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "monai_gdl_plus" / "configs" / "train.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "monai_gdl_plus" / "app" / "configs" / "train.yaml"
 META = CONFIG.with_name("metadata.json")
 
 # the smallest run that still exercises every component: 2 synthetic volumes of 16^3 (1 train, 1 val), 1 epoch

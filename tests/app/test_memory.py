@@ -1,4 +1,4 @@
-"""Huge-page advice for the fused loss's buffer (monai_gdl_plus.memory)."""
+"""Huge-page advice for the fused loss's buffer (monai_gdl_plus.app.memory)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_gdl_plus import memory
+from monai_gdl_plus.app import memory
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_gdl_plus import bench, fused, memory
+from monai_gdl_plus import _fused as fused
+from monai_gdl_plus.app import bench, memory
 
 TINY = (1, 3, 8, 8, 8)
 PAIRS = ["ours-dice", "ours-gdl", "ours-dicece", "monai-dice", "monai-gdl", "monai-dicece"]
@@ -379,7 +380,7 @@ def _rows_for_targets(ours_ms: float, ours_mb: float) -> list[dict]:
 
 
 def test_issue_targets_are_checked():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_losses.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_losses.py"
     spec = importlib.util.spec_from_file_location("bench_losses", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

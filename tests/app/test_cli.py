@@ -1,4 +1,4 @@
-"""Tests of the ``gdl-plus`` command line (monai_gdl_plus.cli), on tiny sizes."""
+"""Tests of the ``gdl-plus`` command line (monai_gdl_plus.app.cli), on tiny sizes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from monai_gdl_plus import cli
-from monai_gdl_plus.cli import VARIANTS, main
+from monai_gdl_plus.app import cli
+from monai_gdl_plus.app.cli import VARIANTS, main
 
 # 2 synthetic volumes of 16^3 (one for training, one for validation), one epoch of one iteration
 TINY = ["--epochs", "1", "--num-samples", "2", "--size", "16", "--batch-size", "1", "--device", "cpu"]
@@ -54,7 +54,7 @@ def _write_decathlon(root: Path, **kwargs) -> Path:
 
 def test_console_script_is_registered():
     scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
-    assert scripts.get("gdl-plus") == "monai_gdl_plus.cli:main"
+    assert scripts.get("gdl-plus") == "monai_gdl_plus.app.cli:main"
 
 
 def test_python_dash_m_runs_main(monkeypatch, capsys):

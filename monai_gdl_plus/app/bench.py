@@ -21,7 +21,7 @@ Floors: time = reading the logits and writing their gradient once, ``2 L`` bytes
 L = bytes of the logits. An exp-throughput figure (two ``exp`` per logit) is reported beside it for CPU.
 
 Use :func:`benchmark` and :func:`format_table` from Python, ``gdl-plus bench`` (through :func:`configure_parser` and
-:func:`run`) or ``python -m monai_gdl_plus.bench`` from a shell.
+:func:`run`) or ``python -m monai_gdl_plus.app.bench`` from a shell.
 
 Example:
     >>> rows = benchmark([(1, 3, 8, 8, 8)], rounds=1, warmup=0, memory=False, losses=["ours-dice", "monai-dice"])
@@ -46,18 +46,22 @@ from dataclasses import dataclass
 
 import torch
 
+from monai_gdl_plus.app.memory import advise_huge_pages
 from monai_gdl_plus.functional import check_option
-from monai_gdl_plus.memory import advise_huge_pages
 
 __all__ = [
     "DEVICES",
     "LOSSES",
     "benchmark",
+    "check_csv_path",
     "configure_parser",
     "format_table",
+    "main",
+    "measure_first_touch",
     "measure_floor",
     "parse_shape",
     "run",
+    "write_csv",
 ]
 
 DEVICES = ("cpu", "cuda")
@@ -318,7 +322,7 @@ def _time_step(
     return best_ms, max_retries, best_wait / max(1.0, best_ms * 1e6)
 
 
-def _median_time(fn: Callable[[], None], device: str, repeats: int) -> float:
+def _median_time(fn: Callable[[], object], device: str, repeats: int) -> float:
     """Median seconds of ``fn`` after one untimed call."""
     fn()
     samples = []
@@ -358,7 +362,7 @@ def measure_first_touch(nbytes: int, repeats: int = 5, huge_pages: bool = False)
 
     Every implementation pays this at least once per step, for the gradient; on virtual machines it can exceed
     the arithmetic of a whole loss, and it varies with the host's memory state, so it is measured next to the
-    losses, per shape. ``huge_pages``: the new tensor gets :func:`~monai_gdl_plus.memory.advise_huge_pages` first,
+    losses, per shape. ``huge_pages``: the new tensor gets :func:`~monai_gdl_plus.app.memory.advise_huge_pages` first,
     as the fused loss's buffer does (NaN where that advice cannot be given).
     """
     n = max(1, nbytes // 4)
@@ -420,12 +424,12 @@ def _memory_child(key: str, shape: tuple[int, ...], threads: int, seed: int, com
 
 
 def _peak_cpu_subprocess(key: str, shape: tuple[int, ...], threads: int, seed: int, compiled: bool = False) -> int:
-    """Spawn ``python -m monai_gdl_plus.bench --_memory-case`` with the malloc setting; return peak extra bytes."""
+    """Spawn ``python -m monai_gdl_plus.app.bench --_memory-case`` with the malloc setting; return peak extra bytes."""
     env = dict(os.environ, **MALLOC_ENV)
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
     cmd = [
-        sys.executable, "-m", "monai_gdl_plus.bench", "--_memory-case", key,
+        sys.executable, "-m", "monai_gdl_plus.app.bench", "--_memory-case", key,
         "--shape", ",".join(map(str, shape)), "--threads", str(threads), "--seed", str(seed),
     ] + (["--compile"] if compiled else [])  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_CHILD_TIMEOUT_S)
@@ -675,7 +679,7 @@ def format_table(rows: Sequence[dict]) -> str:
             out.append("")
         prev_shape = r["shape"]
         out.append(line(c))
-    skipped = {}
+    skipped: dict[tuple[str, str], list[str]] = {}
     for r in rows:
         if r["status"] != "ok":
             skipped.setdefault((r["label"], r["status"]), []).append(r["shape"])
@@ -761,7 +765,7 @@ def _shape_arg(text: str) -> tuple[int, ...]:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the ``bench`` options to ``parser`` (used by ``gdl-plus bench`` and ``python -m monai_gdl_plus.bench``).
+    """Add the ``bench`` options to ``parser`` (used by ``gdl-plus bench`` and ``python -m monai_gdl_plus.app.bench``).
 
     Args:
         parser: the (sub)parser to fill.
@@ -818,10 +822,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m monai_gdl_plus.bench [options]``; also the private memory-child entry point."""
+    """``python -m monai_gdl_plus.app.bench [options]``; also the private memory-child entry point."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--_memory-case" in argv:
-        child = argparse.ArgumentParser(prog="monai_gdl_plus.bench --_memory-case")
+        child = argparse.ArgumentParser(prog="monai_gdl_plus.app.bench --_memory-case")
         child.add_argument("--_memory-case", dest="key", choices=LOSSES, required=True)
         child.add_argument("--shape", type=_shape_arg, required=True)
         child.add_argument("--threads", type=int, default=2)
@@ -830,7 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a = child.parse_args(argv)
         print(json.dumps(_memory_child(a.key, a.shape, a.threads, a.seed, a.compile)))
         return 0
-    parser = argparse.ArgumentParser(prog="python -m monai_gdl_plus.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m monai_gdl_plus.app.bench", description=__doc__.split("\n")[0])
     configure_parser(parser)
     return run(parser.parse_args(argv))
 

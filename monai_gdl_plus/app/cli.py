@@ -7,7 +7,7 @@ Subcommands:
   (CSV history, TensorBoard events, PNG of per-class Dice curves, best checkpoint).
 - ``compare``: the same data and seed, several loss variants trained the same way; one table, one plot, and which
   variant helps the rarest class most.
-- ``bench``: loss forward+backward time and peak memory against MONAI's losses (see :mod:`monai_gdl_plus.bench`).
+- ``bench``: loss forward+backward time and peak memory against MONAI's losses (see :mod:`monai_gdl_plus.app.bench`).
 - ``config``: prints the path of the shipped bundle config, for ``python -m monai.bundle run --config_file``.
 
 Bad input (a dataset folder that fails its checks, an unknown variant, bad sizes) ends with one line on stderr and
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CONFIG_PATH", "META_PATH", "VARIANTS", "main", "train_bundle"]
+__all__ = ["CONFIG_PATH", "META_PATH", "VARIANTS", "RunResult", "build_parser", "main", "train_bundle"]
 
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "train.yaml"
 META_PATH = Path(__file__).resolve().parent / "configs" / "metadata.json"
@@ -68,7 +68,7 @@ DEFAULT_LR = 0.01
 _QUIET_LOGGERS = ("train_stats", "val_stats", "per_class_dice")
 
 
-class CLIError(Exception):
+class _CLIError(Exception):
     """Bad command-line input: reported as one line on stderr, exit status 2."""
 
 
@@ -78,11 +78,11 @@ class CLIError(Exception):
 def _parse_variants(text: str) -> list[str]:
     names = [v.strip() for v in text.replace(" ", ",").split(",") if v.strip()]
     if not names:
-        raise CLIError(f"`--variants` must name at least one of {', '.join(VARIANTS)}, got {text!r}")
+        raise _CLIError(f"`--variants` must name at least one of {', '.join(VARIANTS)}, got {text!r}")
     for name in names:
         _check_variant(name, "--variants")
     if len(set(names)) != len(names):
-        raise CLIError(f"`--variants` names a variant twice: {text!r}")
+        raise _CLIError(f"`--variants` names a variant twice: {text!r}")
     return names
 
 
@@ -90,7 +90,7 @@ def _check_variant(name: str, option: str) -> str:
     if name not in VARIANTS:
         close = difflib.get_close_matches(name, list(VARIANTS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise CLIError(f"`{option}`: unknown variant {name!r}{hint}; choose from {', '.join(VARIANTS)}")
+        raise _CLIError(f"`{option}`: unknown variant {name!r}{hint}; choose from {', '.join(VARIANTS)}")
     return name
 
 
@@ -101,16 +101,16 @@ def _resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise CLIError(f"`--device {device}`: CUDA is not available on this machine (use --device cpu)")
+            raise _CLIError(f"`--device {device}`: CUDA is not available on this machine (use --device cpu)")
         try:
             index = torch.device(device).index
         except RuntimeError:
-            raise CLIError(f"`--device` must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+            raise _CLIError(f"`--device` must be auto, cpu, cuda or cuda:N, got {device!r}") from None
         if index is not None and index >= torch.cuda.device_count():
-            raise CLIError(f"`--device {device}`: only {torch.cuda.device_count()} CUDA device(s) present")
+            raise _CLIError(f"`--device {device}`: only {torch.cuda.device_count()} CUDA device(s) present")
         return device
     if device != "cpu":
-        raise CLIError(f"`--device` must be auto, cpu, cuda or cuda:N, got {device!r}")
+        raise _CLIError(f"`--device` must be auto, cpu, cuda or cuda:N, got {device!r}")
     return device
 
 
@@ -120,12 +120,12 @@ def _run_folder(out: str | None, kind: str) -> Iterator[Path]:
     into it, remove what this created, so that a failed run leaves no empty folder behind."""
     path = Path(out) if out else Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise CLIError(f"`--out` {str(path)!r} already exists and is not an empty folder; choose a new one")
+        raise _CLIError(f"`--out` {str(path)!r} already exists and is not an empty folder; choose a new one")
     existed = path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CLIError(f"`--out`: cannot create {str(path)!r}: {e.strerror or e}") from None
+        raise _CLIError(f"`--out`: cannot create {str(path)!r}: {e.strerror or e}") from None
     try:
         yield path
     except BaseException:
@@ -169,7 +169,7 @@ def _size(text: str) -> int:
     return value
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: float | None) -> str:
     return "  n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
@@ -250,7 +250,7 @@ def train_bundle(
         epochs: training epochs (one validation after each).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         data_dir: a Decathlon folder, already checked, or None for synthetic volumes.
-        decathlon: the :class:`~monai_gdl_plus.data.DecathlonDataset` of ``data_dir`` (class voxel counts).
+        decathlon: the :class:`~monai_gdl_plus.app.data.DecathlonDataset` of ``data_dir`` (class voxel counts).
         num_samples: synthetic volumes (training and validation together).
         size: edge of the synthetic volumes and of the training patches.
         batch_size: training batch size.
@@ -344,7 +344,7 @@ def _rare_index(data: Any, decathlon: Any) -> int:
 def _check_data(path: str | None) -> Any:
     if path is None:
         return None
-    from monai_gdl_plus.data import load_decathlon
+    from monai_gdl_plus.app.data import load_decathlon
 
     return load_decathlon(path, check_labels=True)
 
@@ -499,7 +499,7 @@ def _source(args: argparse.Namespace, decathlon: Any) -> str:
     return f"synthetic, {args.num_samples} volumes of {args.size}^3"
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_demo(args: argparse.Namespace) -> int:
     """``gdl-plus demo``: train the bundle once, print the per-class table and the run folder."""
     variant = _check_variant(args.loss, "--loss")
     kwargs = _train_kwargs(args, decathlon := _check_data(args.data))
@@ -516,7 +516,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def _cmd_compare(args: argparse.Namespace) -> int:
     """``gdl-plus compare``: several loss variants on the same data and seed; one table, one plot, a verdict."""
     variants = _parse_variants(args.variants)
     kwargs = _train_kwargs(args, decathlon := _check_data(args.data))
@@ -544,14 +544,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """``gdl-plus bench``: delegated to :mod:`monai_gdl_plus.bench`."""
-    from monai_gdl_plus import bench
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """``gdl-plus bench``: delegated to :mod:`monai_gdl_plus.app.bench`."""
+    from monai_gdl_plus.app import bench
 
     return int(bench.run(args))
 
 
-def cmd_config(args: argparse.Namespace) -> int:
+def _cmd_config(args: argparse.Namespace) -> int:
     """``gdl-plus config``: print the path of the shipped bundle config."""
     print(CONFIG_PATH)
     return 0
@@ -561,7 +561,7 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     """The ``gdl-plus`` argument parser.
 
     Args:
-        with_bench: fill the ``bench`` subcommand's options (imports :mod:`monai_gdl_plus.bench`); without it the
+        with_bench: fill the ``bench`` subcommand's options (imports :mod:`monai_gdl_plus.app.bench`); without it the
             subcommand is only listed, so the other commands never import the benchmark.
     """
     from monai_gdl_plus import __version__
@@ -584,7 +584,7 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
         "--loss", default=DEFAULT_VARIANT, metavar="VARIANT",
         help=f"loss variant ({DEFAULT_VARIANT}); one of {', '.join(VARIANTS)}",
     )  # fmt: skip
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=_cmd_demo)
 
     compare = sub.add_parser(
         "compare", help="train several loss variants on the same data; which helps the rare class",
@@ -596,20 +596,20 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
         "--variants", default=",".join(DEFAULT_COMPARE),
         help=f"comma-separated ({','.join(DEFAULT_COMPARE)}); available: {', '.join(VARIANTS)}",
     )  # fmt: skip
-    compare.set_defaults(func=cmd_compare)
+    compare.set_defaults(func=_cmd_compare)
 
     bench = sub.add_parser(
         "bench", help="loss forward+backward time and peak memory against MONAI's losses, as ratios",
         description="Time and peak memory of the losses against MONAI's (and nnU-Net's when importable).",
     )  # fmt: skip
     if with_bench:
-        from monai_gdl_plus import bench as bench_module
+        from monai_gdl_plus.app import bench as bench_module
 
         bench_module.configure_parser(bench)
-    bench.set_defaults(func=cmd_bench)
+    bench.set_defaults(func=_cmd_bench)
 
     config = sub.add_parser("config", help="print the path of the shipped bundle config (train.yaml)")
-    config.set_defaults(func=cmd_config)
+    config.set_defaults(func=_cmd_config)
     return parser
 
 
@@ -653,10 +653,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if args.traceback:
             raise
-        from monai_gdl_plus.data import DatasetError
+        from monai_gdl_plus.app.data import DatasetError
 
         inner = _innermost(e)
-        if isinstance(e, CLIError) or isinstance(inner, DatasetError):
+        if isinstance(e, _CLIError) or isinstance(inner, DatasetError):
             print(f"{prog}: error: {_one_line(inner)}", file=sys.stderr)
             return 2
         if isinstance(inner, (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)):
