@@ -10,6 +10,11 @@ Subcommands:
 - ``bench``: loss forward+backward time and peak memory against MONAI's losses (see :mod:`monai_gdl_plus.app.bench`).
 - ``config``: prints the path of the shipped bundle config, for ``python -m monai.bundle run --config_file``.
 
+``demo`` and ``compare`` take ``--nproc N``: the same run on N processes, launched through
+``torch.distributed.run`` (torchrun's API), one GPU each when CUDA is there, CPU processes (gloo) otherwise, with the
+bundle's ``multi_gpu_train.yaml``; rank 0 prints and writes the run folder. ``--nnodes/--node-rank/--master-addr/
+--master-port`` make it one node of several (the same command on every node, each with its own ``--node-rank``).
+
 Bad input (a dataset folder that fails its checks, an unknown variant, bad sizes) ends with one line on stderr and
 exit status 2, never a traceback (``--traceback`` shows it for debugging).
 """
@@ -30,9 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CONFIG_PATH", "META_PATH", "VARIANTS", "RunResult", "build_parser", "main", "train_bundle"]
+__all__ = [
+    "CONFIG_PATH", "META_PATH", "MULTI_GPU_PATH", "VARIANTS", "RunResult", "build_parser", "main", "train_bundle",
+]  # fmt: skip
 
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "train.yaml"
+MULTI_GPU_PATH = Path(__file__).resolve().parent / "configs" / "multi_gpu_train.yaml"
 META_PATH = Path(__file__).resolve().parent / "configs" / "metadata.json"
 
 # loss variants: each replaces the bundle's whole `loss` item with LOSS_BASE plus its own arguments
@@ -114,11 +122,15 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+def _run_path(out: str | None, kind: str) -> Path:
+    return Path(out) if out else Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 @contextlib.contextmanager
 def _run_folder(out: str | None, kind: str) -> Iterator[Path]:
     """Create the run folder (``--out`` or ``runs/<kind>-<timestamp>``); if the run fails before writing any file
     into it, remove what this created, so that a failed run leaves no empty folder behind."""
-    path = Path(out) if out else Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = _run_path(out, kind)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise _CLIError(f"`--out` {str(path)!r} already exists and is not an empty folder; choose a new one")
     existed = path.exists()
@@ -241,6 +253,7 @@ def train_bundle(
     progress: bool = True,
     echo: bool = True,
     quiet_errors: bool = False,
+    distributed: bool = False,
 ) -> RunResult:
     """Train the shipped bundle once with one loss variant, through MONAI's ``ConfigWorkflow``.
 
@@ -258,6 +271,12 @@ def train_bundle(
         seed: seed of the data, the split, the network initialisation and the shuffling.
         progress: show a progress bar (tqdm).
         echo: print one line of per-class Dice after each validation.
+        quiet_errors: keep tracebacks of a failure out of the bundle's and engines' logs (the CLI reports it).
+        distributed: this process is one rank of a torchrun launch (``torch.distributed`` environment set): the
+            bundle runs with ``multi_gpu_train.yaml`` (DDP, distributed samplers, ``sync_batch``, files from rank 0
+            only); ``device`` ``"cpu"`` keeps every rank on the CPU, ``"cuda"`` gives each rank its
+            ``LOCAL_RANK``'s GPU. The process group is left initialised (for the next run of ``compare``).
+            Only rank 0 shows a progress bar and echoes.
 
     Returns:
         A :class:`RunResult` with the per-class Dice history.
@@ -278,14 +297,25 @@ def train_bundle(
     overrides["loss"] = {**LOSS_BASE, **VARIANTS[variant]}
     if data_dir is not None:
         overrides.update({"data_dir": str(data_dir), "check_labels": False})  # the CLI has checked them already
+    config_file: str | list[str] = str(CONFIG_PATH)
+    if distributed:
+        config_file = [str(CONFIG_PATH), str(MULTI_GPU_PATH)]
+        if device != "cpu":  # multi_gpu_train.yaml's own device: the GPU of this rank's LOCAL_RANK
+            del overrides["device"]
+        overrides["finalize"] = []  # the process group outlives one run (compare trains several in a row)
+        rank0 = _is_rank0()
+        progress, echo = progress and rank0, echo and rank0
     workflow = ConfigWorkflow(
-        config_file=str(CONFIG_PATH), meta_file=str(META_PATH), logging_file=False, workflow_type="train", **overrides
+        config_file=config_file, meta_file=str(META_PATH), logging_file=False, workflow_type="train", **overrides
     )
     workflow.initialize()
     parsed = workflow.parser.get_parsed_content
     data, trainer, evaluator = parsed("data"), parsed("train#trainer"), parsed("validate#evaluator")
     for name in _QUIET_LOGGERS:  # the handlers reset their own loggers to INFO when built
         logging.getLogger(name).setLevel(logging.WARNING)
+    if distributed:  # multi_gpu_train.yaml sets the engines' loggers to INFO on rank 0; the CLI prints its own lines
+        for engine in (trainer, evaluator):
+            engine.logger.setLevel(logging.WARNING)
     if quiet_errors:  # the CLI reports a failure (or Ctrl-C) in one line; MONAI and Ignite would log tracebacks
         for logger in [logging.getLogger(n) for n in _QUIET_LOGGERS] + [trainer.logger, evaluator.logger]:
             logger.addFilter(_below_error)
@@ -322,6 +352,7 @@ def train_bundle(
         workflow.finalize()
     finally:  # TensorBoard writers run a thread each: close them, also after a failure or Ctrl-C
         handlers = [*parsed("train#handlers"), *parsed("validate#handlers"), parsed("validate#per_class_dice_logger")]
+        # (a handler disabled on ranks > 0 by multi_gpu_train.yaml is None or left out here)
         for handler in handlers:
             if hasattr(handler, "close"):
                 handler.close()
@@ -341,12 +372,12 @@ def _rare_index(data: Any, decathlon: Any) -> int:
     return int(data.rare_class)
 
 
-def _check_data(path: str | None) -> Any:
+def _check_data(path: str | None, check_labels: bool = True) -> Any:
     if path is None:
         return None
     from monai_gdl_plus.app.data import load_decathlon
 
-    return load_decathlon(path, check_labels=True)
+    return load_decathlon(path, check_labels=check_labels)
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -460,6 +491,102 @@ def _describe_run_folder(out: Path) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------------------------ several processes
+
+_LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--out")
+
+
+def _is_rank0() -> bool:
+    """Whether this process prints and writes: rank 0 of a torchrun launch, or a process outside any launch."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _launch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc", type=_positive("--nproc"), metavar="N",
+        help="run on N processes per node through torchrun (torch.distributed.run): one GPU each when CUDA is "
+        "there, CPU processes otherwise; rank 0 prints and writes the run folder",
+    )  # fmt: skip
+    p.add_argument("--nnodes", type=_positive("--nnodes"), default=1, help="with --nproc: machines taking part (1)")
+    p.add_argument("--node-rank", type=_positive("--node-rank", 0), default=0, help="with --nproc: this node (0)")
+    p.add_argument("--master-addr", default="127.0.0.1", help="with --nproc: node 0's address (127.0.0.1)")
+    p.add_argument(
+        "--master-port", type=_positive("--master-port", 1, 65535), default=None,
+        help="with --nproc: a free port on node 0 (with --nnodes 1: any free one)",
+    )  # fmt: skip
+    p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)  # set by the launcher for its ranks
+
+
+def _worker_argv(argv: Sequence[str], out: Path) -> list[str]:
+    """The command line of every rank: the user's, without the launch options and ``--out``, plus ``--_worker`` and
+    the run folder the launcher made."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _LAUNCH_OPTIONS:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in _LAUNCH_OPTIONS)):
+            kept.append(arg)
+    return [*kept, "--_worker", "--out", str(out)]
+
+
+def _launch(args: argparse.Namespace, device: str) -> int:
+    """Run this very command on ``--nproc`` processes (per node) through ``torch.distributed.run``.
+
+    The launcher checks the input and makes the run folder (node 0); each rank runs ``python -m monai_gdl_plus``
+    with the same arguments plus ``--_worker``. Returns 0, or the first failed rank's exit status.
+    """
+    import os
+
+    import torch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if args.node_rank >= args.nnodes:
+        raise _CLIError(f"`--node-rank` must be below `--nnodes` ({args.nnodes}), got {args.node_rank}")
+    if args.nnodes > 1 and args.master_port is None:
+        raise _CLIError("`--master-port` is needed with `--nnodes` > 1: the same free port of node 0 on every node")
+    if device.startswith("cuda:"):
+        raise _CLIError(f"`--device {device}` cannot be used with `--nproc`: each rank takes its LOCAL_RANK's GPU")
+    if device == "cuda" and args.nproc > torch.cuda.device_count():
+        raise _CLIError(f"`--nproc {args.nproc}` on CUDA needs as many GPUs; {torch.cuda.device_count()} present")
+    torchrun = ["--nproc-per-node", str(args.nproc), "--nnodes", str(args.nnodes)]
+    if args.nnodes == 1 and args.master_port is None:
+        torchrun.append("--standalone")  # a local rendezvous on a free port
+    else:
+        torchrun += ["--node-rank", str(args.node_rank), "--master-addr", args.master_addr,
+                     "--master-port", str(args.master_port)]  # fmt: skip
+    # the CPU cores shared out between this node's ranks (torchrun would set 1 and warn)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    # node 0 holds rank 0, which writes the run folder; other nodes make none
+    folder = _run_folder(args.out, args.command) if args.node_rank == 0 else contextlib.nullcontext(
+        _run_path(args.out, args.command))
+    with folder as out:
+        config = parse_args([*torchrun, "--module", "monai_gdl_plus", *_worker_argv(args.argv, out)])
+        try:
+            run(config)
+        except ChildFailedError as e:
+            code = next(iter(e.failures.values())).exitcode  # the first rank to fail
+            print(f"gdl-plus {args.command}: error: {len(e.failures)} of the processes failed "
+                  f"(first: exit status {code}, see its message above)", file=sys.stderr)  # fmt: skip
+            return code if code > 0 else 1
+        if args.node_rank > 0:
+            print(f"gdl-plus {args.command}: node {args.node_rank} done; rank 0 (node 0) printed the results and "
+                  "wrote the run folder")  # fmt: skip
+    return 0
+
+
+def _finish_worker() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------------------ commands
 
 
@@ -489,8 +616,27 @@ def _train_kwargs(args: argparse.Namespace, decathlon: Any) -> dict[str, Any]:
     return dict(
         epochs=args.epochs, device=_resolve_device(args.device), data_dir=args.data, decathlon=decathlon,
         num_samples=args.num_samples, size=args.size, batch_size=args.batch_size, learning_rate=args.lr,
-        seed=args.seed, progress=args.progress, quiet_errors=not args.traceback,
+        seed=args.seed, progress=args.progress, quiet_errors=not args.traceback, distributed=args._worker,
     )  # fmt: skip
+
+
+def _where(args: argparse.Namespace, device: str) -> str:
+    if args.nproc is None:
+        return device
+    nodes = f" on each of {args.nnodes} nodes" if args.nnodes > 1 else ""
+    many = args.nproc > 1
+    kind = ("GPUs" if many else "GPU") if device == "cuda" else ("CPU processes" if many else "CPU process")
+    return f"{args.nproc} {kind}{nodes} (torchrun)"
+
+
+@contextlib.contextmanager
+def _output_folder(args: argparse.Namespace, kind: str) -> Iterator[Path]:
+    """The run folder: made here, or by the launcher for its ranks (``--_worker``)."""
+    if args._worker:
+        yield Path(args.out)
+    else:
+        with _run_folder(args.out, kind) as out:
+            yield out
 
 
 def _source(args: argparse.Namespace, decathlon: Any) -> str:
@@ -502,12 +648,21 @@ def _source(args: argparse.Namespace, decathlon: Any) -> str:
 def _cmd_demo(args: argparse.Namespace) -> int:
     """``gdl-plus demo``: train the bundle once, print the per-class table and the run folder."""
     variant = _check_variant(args.loss, "--loss")
-    kwargs = _train_kwargs(args, decathlon := _check_data(args.data))
-    with _run_folder(args.out, "demo") as out:
-        print(f"gdl-plus demo: loss {variant}, {args.epochs} epochs on {kwargs['device']}, "
+    kwargs = _train_kwargs(args, decathlon := _check_data(args.data, check_labels=not args._worker))
+    if args.nproc is not None and not args._worker:
+        print(f"gdl-plus demo: loss {variant}, {args.epochs} epochs on {_where(args, kwargs['device'])}, "
               f"data {_source(args, decathlon)}")  # fmt: skip
+        return _launch(args, kwargs["device"])
+    with _output_folder(args, "demo") as out:
+        if not args._worker:
+            print(f"gdl-plus demo: loss {variant}, {args.epochs} epochs on {kwargs['device']}, "
+                  f"data {_source(args, decathlon)}")  # fmt: skip
         with _quiet_libraries():
             result = train_bundle(variant=variant, out_dir=out, **kwargs)
+    if args._worker:
+        _finish_worker()
+        if not _is_rank0():
+            return 0
     print()
     print(f"Per-class validation Dice after {len(result.history)} epochs ({result.seconds:.0f} s, loss {variant}):")
     print(_class_table(result))
@@ -519,18 +674,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     """``gdl-plus compare``: several loss variants on the same data and seed; one table, one plot, a verdict."""
     variants = _parse_variants(args.variants)
-    kwargs = _train_kwargs(args, decathlon := _check_data(args.data))
+    kwargs = _train_kwargs(args, decathlon := _check_data(args.data, check_labels=not args._worker))
+    header = (
+        f"gdl-plus compare: {', '.join(variants)}; {args.epochs} epochs each on {_where(args, kwargs['device'])}, "
+        f"data {_source(args, decathlon)}, seed {args.seed}"
+    )
+    if args.nproc is not None and not args._worker:
+        print(header)
+        return _launch(args, kwargs["device"])
     results = []
-    with _run_folder(args.out, "compare") as out:
-        print(
-            f"gdl-plus compare: {', '.join(variants)}; {args.epochs} epochs each on {kwargs['device']}, "
-            f"data {_source(args, decathlon)}, seed {args.seed}"
-        )
+    rank0 = _is_rank0()
+    with _output_folder(args, "compare") as out:
+        if not args._worker:
+            print(header)
         with _quiet_libraries():
             for variant in variants:
                 results.append(train_bundle(variant=variant, out_dir=out / variant, echo=False, **kwargs))
                 r = results[-1]
-                print(f"  {variant:<20} done in {r.seconds:5.0f} s   mean Dice {_fmt(r.final.get('mean', math.nan))}")
+                if rank0:
+                    mean = _fmt(r.final.get("mean", math.nan))
+                    print(f"  {variant:<20} done in {r.seconds:5.0f} s   mean Dice {mean}", flush=True)
+    if args._worker:
+        _finish_worker()
+        if not rank0:
+            return 0
     csv_path, png_path = out / "compare.csv", out / "compare.png"
     _write_compare_csv(results, csv_path)
     _plot_compare(results, png_path)
@@ -580,6 +747,7 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
         "(or --data), with a progress bar; print per-class Dice and write CSV, TensorBoard and PNG to a run folder.",
     )  # fmt: skip
     _common_training_args(demo, DEFAULT_EPOCHS)
+    _launch_args(demo)
     demo.add_argument(
         "--loss", default=DEFAULT_VARIANT, metavar="VARIANT",
         help=f"loss variant ({DEFAULT_VARIANT}); one of {', '.join(VARIANTS)}",
@@ -592,6 +760,7 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
         "per-class Dice, save one plot, and name the variant that helps the rarest class most.",
     )  # fmt: skip
     _common_training_args(compare, DEFAULT_COMPARE_EPOCHS)
+    _launch_args(compare)
     compare.add_argument(
         "--variants", default=",".join(DEFAULT_COMPARE),
         help=f"comma-separated ({','.join(DEFAULT_COMPARE)}); available: {', '.join(VARIANTS)}",
@@ -644,6 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    args.argv = argv  # the launcher (--nproc) hands the same command line to its ranks
     prog = f"gdl-plus {args.command}"
     try:
         return int(args.func(args))

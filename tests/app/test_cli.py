@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import importlib.metadata
 import runpy
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -299,3 +301,116 @@ def test_bench_tiny(capsys):
     assert len(ours) == 2, out
     for line in ours:
         assert float(line[:end].split()[-1]) > 0  # a time ratio against MONAI's counterpart, measured in this run
+
+
+# ------------------------------------------------------------------------------------------------ --nproc (torchrun)
+
+
+def _cli(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m monai_gdl_plus ...`` in a fresh process (the launcher sets OMP_NUM_THREADS and starts ranks)."""
+    return subprocess.run([sys.executable, "-m", "monai_gdl_plus", *argv], capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_worker_argv_drops_the_launch_options():
+    argv = ["--traceback", "demo", "--nproc", "2", "--epochs", "3", "--nnodes=2", "--node-rank", "1",
+            "--master-addr", "10.0.0.1", "--master-port=29400", "--out", "old", "--loss", "dice"]  # fmt: skip
+    assert cli._worker_argv(argv, Path("runs/x")) == [
+        "--traceback", "demo", "--epochs", "3", "--loss", "dice", "--_worker", "--out", "runs/x"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--nproc", "1", "--nnodes", "2", "--node-rank", "2", "--master-port", "29400"],
+         "`--node-rank` must be below `--nnodes` (2), got 2"),
+        (["--nproc", "1", "--nnodes", "2"], "`--master-port` is needed with `--nnodes` > 1"),
+        (["--nproc", "0"], "--nproc must be >= 1, got 0"),
+    ],
+)  # fmt: skip
+def test_bad_launch_options(capsys, tmp_path, argv, match):
+    code, _, err = _run(capsys, "demo", *TINY, *argv, "--out", str(tmp_path / "run"))
+    assert code == 2 and match in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def _check_ranks_wrote_once(run: Path, epochs: int) -> None:
+    """Rank 0 alone wrote the run folder: one CSV row per epoch, one pair of TensorBoard event files (training and
+    validation writers; every rank writing would give one pair per rank)."""
+    with open(run / "per_class_dice.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, epochs + 1))
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events.")) == [
+        "model.pt", "per_class_dice.csv", "per_class_dice.png"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_demo_on_two_processes(tmp_path):
+    run = tmp_path / "demo"
+    proc = _cli("demo", *TINY, "--num-samples", "8", "--epochs", "2", "--nproc", "2", "--no-progress",
+                "--out", str(run))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "2 epochs on 2 CPU processes (torchrun)" in out
+    assert out.count("Per-class validation Dice after 2 epochs") == 1 and out.count("val Dice") == 2  # rank 0 only
+    _check_demo_output(out, run, 2, REPORTED)
+    _check_ranks_wrote_once(run, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_compare_on_two_processes(tmp_path):
+    """Two trainings in a row on the same two ranks: the process group outlives the first."""
+    run = tmp_path / "cmp"
+    proc = _cli("compare", *TINY, "--num-samples", "8", "--variants", "dice,gdl-square", "--nproc", "2",
+                "--no-progress", "--out", str(run))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("Final per-class validation Dice") == 1
+    assert set(_table_rows(proc.stdout, ["dice", "gdl-square"])) == {"dice", "gdl-square"}
+    with open(run / "compare.csv", newline="") as f:
+        assert [r["variant"] for r in csv.DictReader(f)] == ["dice", "gdl-square"]
+    for variant in ("dice", "gdl-square"):
+        _check_ranks_wrote_once(run / variant, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_failing_rank_fails_the_launch_in_one_line_per_rank(tmp_path):
+    """Three volumes give one for validation, fewer than the two ranks that share it out: every rank says why, the
+    launcher says how many failed, and its exit status is the ranks' (2, bad input)."""
+    proc = _cli("demo", *TINY, "--num-samples", "3", "--nproc", "2", "--no-progress", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2
+    assert proc.stderr.count("the dataset length is less than the number of participating ranks") == 2
+    assert "gdl-plus demo: error: 2 of the processes failed (first: exit status 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_nodes_on_one_machine(tmp_path):
+    """``--nnodes 2`` on localhost, one process per node: both nodes finish, node 0 holds the run folder."""
+    port = str(_free_port())
+    runs = [tmp_path / f"node{i}" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "monai_gdl_plus", "demo", *TINY, "--num-samples", "8", "--epochs", "2",
+             "--no-progress", "--nproc", "1", "--nnodes", "2", "--node-rank", str(i), "--master-addr", "127.0.0.1",
+             "--master-port", port, "--out", str(runs[i])],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "2 epochs on 1 CPU process on each of 2 nodes (torchrun)" in outputs[0][0]
+    _check_demo_output(outputs[0][0], runs[0], 2, REPORTED)
+    _check_ranks_wrote_once(runs[0], 2)
+    assert "node 1 done" in outputs[1][0] and "Per-class" not in outputs[1][0]
+    assert not runs[1].exists()
