@@ -117,6 +117,8 @@ SYNC_CASES = {
     "tversky onehot": ("TverskyPlusLoss", dict(softmax=True, alpha=0.3, beta=0.7)),
 }  # fmt: skip
 SYNC_BATCH = 4  # global batch; each of the two processes holds half
+# also run compiled (inductor, CPU): the one-hot-free custom ops and the collective in one graph
+SYNC_COMPILED = ("dice+ce ignore 255, squared",)
 
 
 def sync_inputs():
@@ -165,6 +167,11 @@ def _sync_worker(local_rank, out_dir):
         grads = [p.grad for p in model.parameters()]
         results[name] = {"value": value.detach(), "x_grad": xi.grad, "model_value": model_value.detach(),
                          "param_grads": grads}  # fmt: skip
+        if name in SYNC_COMPILED:
+            xc = x[share].clone().requires_grad_(True)
+            compiled = torch.compile(_sync_loss(name, True), backend="inductor")(xc, y)
+            compiled.backward()
+            results[name].update(compiled_value=compiled.detach(), compiled_x_grad=xc.grad)
     torch.save(results, f"{out_dir}/sync_rank{rank}.pt")
 
 
@@ -174,7 +181,7 @@ def test_sync_batch_equals_one_process_on_the_global_batch(tmp_path, monkeypatch
     """Two gloo processes, each with half of the batch and ``sync_batch=True``: the value equals one process on the
     whole batch; each process's input gradient is the world size times its slice of one process's gradient (the
     collective's backward adds every process's identical gradient), so that after DDP's averaging a network's
-    parameter gradients equal one process's."""
+    parameter gradients equal one process's. The same under ``torch.compile`` for :data:`SYNC_COMPILED`."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with idist.Parallel(backend="gloo", nproc_per_node=WORLD_SIZE, master_port=_free_port()) as parallel:
         parallel.run(_sync_worker, str(tmp_path))
@@ -193,6 +200,10 @@ def test_sync_batch_equals_one_process_on_the_global_batch(tmp_path, monkeypatch
             share = slice(r * SYNC_BATCH // WORLD_SIZE, (r + 1) * SYNC_BATCH // WORLD_SIZE)
             torch.testing.assert_close(res[name]["value"], expected.detach(), rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(res[name]["x_grad"], WORLD_SIZE * xi.grad[share], rtol=1e-8, atol=1e-12)
+            if name in SYNC_COMPILED:
+                torch.testing.assert_close(res[name]["compiled_value"], expected.detach(), rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(res[name]["compiled_x_grad"], WORLD_SIZE * xi.grad[share], rtol=1e-8,
+                                           atol=1e-12)  # fmt: skip
             torch.testing.assert_close(res[name]["model_value"], model_expected.detach(), rtol=1e-10, atol=1e-12)
             for mine, ref in zip(res[name]["param_grads"], (p.grad for p in model.parameters())):
                 torch.testing.assert_close(mine, ref, rtol=1e-8, atol=1e-12)
