@@ -315,8 +315,8 @@ def prepare(
     """Activation, target layout, ignore mask and kept channels, shared by every loss.
 
     Args:
-        input: logits or probabilities (B, C, *spatial).
-        target: one-hot / binary (B, C, *spatial), or a label map (B, 1, *spatial) with ``to_onehot_y=True``.
+        input: logits or probabilities ``(B, C, *spatial)``.
+        target: one-hot / binary ``(B, C, *spatial)``, or a label map ``(B, 1, *spatial)`` with ``to_onehot_y=True``.
         include_background: keep channel 0 in the sums.
         to_onehot_y: treat a one-channel target as a label map of ``C`` classes (never materialised as one-hot).
         sigmoid, softmax, other_act: activation (at most one).
@@ -476,11 +476,11 @@ def per_class_terms(
     """Per-(sample, class) intersection, prediction sum and target sum.
 
     Args:
-        probs: activated prediction (B, C, *spatial), values usually in [0, 1].
-        target: dense target (B, C, *spatial), or an integer label map (B, 1, *spatial) / (B, *spatial) with values
-            in [0, C) -- a label map is never expanded to a one-hot tensor.
+        probs: activated prediction ``(B, C, *spatial)``, values usually in [0, 1].
+        target: dense target ``(B, C, *spatial)``, or an integer label map ``(B, 1, *spatial)`` / ``(B, *spatial)``
+            with values in [0, C) -- a label map is never expanded to a one-hot tensor.
         squared: use ``sum(p**2)`` and ``sum(g**2)`` (V-Net) for the sums.
-        mask: optional (B, 1, *spatial) or (B, *spatial) weights, 1 = counted, 0 = ignored.
+        mask: optional ``(B, 1, *spatial)`` or ``(B, *spatial)`` weights, 1 = counted, 0 = ignored.
         soft_label: MONAI's soft-label intersection for dense non-binary targets.
 
     Returns:
@@ -524,7 +524,7 @@ def label_terms(
     """Hard per-class counts from two integer label maps, without one-hot tensors (the metric's core).
 
     Args:
-        pred_labels: predicted class per voxel (B, *spatial), values in [0, num_classes).
+        pred_labels: predicted class per voxel ``(B, *spatial)``, values in [0, num_classes).
         target_labels: true class per voxel, same shape; values in [0, num_classes) or ``ignore_index``.
         num_classes: number of classes C.
         ignore_index: voxels whose target equals it are left out of all three counts.

@@ -112,7 +112,8 @@ class DicePlusLoss(_DiceFamilyLoss):
 
     Args:
         include_background: keep channel 0 in the Dice sums.
-        to_onehot_y: ``target`` is a label map (B, 1, *spatial) of C classes; it is never expanded to a dense one-hot.
+        to_onehot_y: ``target`` is a label map ``(B, 1, *spatial)`` of C classes; it is never expanded to a dense
+            one-hot.
         sigmoid: apply a sigmoid to ``input`` (multi-label / one foreground channel).
         softmax: apply a softmax over channels (one class per voxel). Ignored with a warning for one channel.
         other_act: any other activation callable (e.g. ``torch.tanh``); at most one of the three.
@@ -152,7 +153,7 @@ class DicePlusLoss(_DiceFamilyLoss):
         validate: run every value check even on an accelerator (synchronising), and scan ``input`` for NaN/Inf.
 
     Shapes:
-        input (B, C, *S); target (B, C, *S) one-hot or (B, 1, *S) labels with ``to_onehot_y``.
+        input ``(B, C, *S)``; target ``(B, C, *S)`` one-hot or ``(B, 1, *S)`` labels with ``to_onehot_y``.
         Output: scalar; with ``reduction="none"`` (B, C') or (C',) with ``batch=True`` (C' = kept classes).
 
     Raises:
@@ -261,8 +262,8 @@ class GeneralizedDicePlusLoss(_DiceFamilyLoss):
     Positional arguments in ``GeneralizedDiceLoss``'s order; every argument is also an attribute.
 
     Args:
-        include_background, to_onehot_y, sigmoid, softmax, other_act, reduction, smooth_nr, smooth_dr, batch,
-            soft_label: as in ``monai.losses.GeneralizedDiceLoss``.
+        include_background, to_onehot_y, sigmoid, softmax, other_act: as in ``monai.losses.GeneralizedDiceLoss``.
+        reduction, smooth_nr, smooth_dr, batch, soft_label: as in ``monai.losses.GeneralizedDiceLoss``.
         w_type: ``"square"`` (default), ``"simple"`` or ``"uniform"``.
         squared_pred: squared denominator ``sum(p**2) + sum(g**2)`` (weights still use ``V = sum(g)``).
         jaccard: generalised soft IoU instead of Dice.
@@ -273,11 +274,13 @@ class GeneralizedDicePlusLoss(_DiceFamilyLoss):
         ignore_index: as in :class:`DicePlusLoss`.
         absent_weight: ``"max"``, ``"zero"`` or a float >= 0.
         normalize_weights: divide the weights by their sum per sample (per batch with ``batch=True``).
-        lambda_dice, lambda_ce, label_smoothing, lambda_focal, gamma, focal_alpha, focal_softmax, sync_batch,
-            validate: as in :class:`DicePlusLoss` (with ``sync_batch`` the GDL weights come from the global volumes).
+        lambda_dice, lambda_ce, label_smoothing: as in :class:`DicePlusLoss`.
+        lambda_focal, gamma, focal_alpha, focal_softmax: as in :class:`DicePlusLoss`.
+        sync_batch, validate: as in :class:`DicePlusLoss` (with ``sync_batch`` the GDL weights come from the global
+            volumes).
 
     Shapes:
-        input (B, C, *S); target (B, C, *S) or (B, 1, *S) labels with ``to_onehot_y``.
+        input ``(B, C, *S)``; target ``(B, C, *S)`` or ``(B, 1, *S)`` labels with ``to_onehot_y``.
         Output: scalar; with ``reduction="none"`` (B,), or 0-d with ``batch=True``.
     """
 

@@ -82,19 +82,19 @@ class PerClassDice(Metric):
 
     Inputs, by ``activation``:
 
-    - ``"softmax"``: ``y_pred`` logits or probabilities (B, C, *spatial); the predicted class is the argmax over
+    - ``"softmax"``: ``y_pred`` logits or probabilities ``(B, C, *spatial)``; the predicted class is the argmax over
       channels (the softmax itself is never computed: it does not change the argmax).
-    - ``"sigmoid"``: ``y_pred`` logits (B, C, *spatial); channel ``c`` is predicted where
+    - ``"sigmoid"``: ``y_pred`` logits ``(B, C, *spatial)``; channel ``c`` is predicted where
       ``sigmoid(y_pred) >= threshold`` (MONAI's ``AsDiscrete(threshold=...)``), classes may overlap.
-    - ``None``: ``y_pred`` is already discrete: a label map (B, 1, *spatial)/(B, *spatial), or one-hot (or
-      probabilities) (B, C, *spatial) reduced by argmax.
+    - ``None``: ``y_pred`` is already discrete: a label map ``(B, 1, *spatial)``/``(B, *spatial)``, or one-hot (or
+      probabilities) ``(B, C, *spatial)`` reduced by argmax.
 
-    ``y`` is a label map (B, 1, *spatial)/(B, *spatial) or one-hot (B, C, *spatial) (multi-label binary channels
-    with ``"sigmoid"``). A label map is never expanded to one-hot. Tensors may be MONAI ``MetaTensor`` s, and
-    ``y_pred``/``y`` may be the lists of per-sample tensors that MONAI decollates into (what
+    ``y`` is a label map ``(B, 1, *spatial)``/``(B, *spatial)`` or one-hot ``(B, C, *spatial)`` (multi-label binary
+    channels with ``"sigmoid"``). A label map is never expanded to one-hot. Tensors may be MONAI ``MetaTensor`` s,
+    and ``y_pred``/``y`` may be the lists of per-sample tensors that MONAI decollates into (what
     ``monai.handlers.from_engine(["pred", "label"])`` returns in a ``SupervisedEvaluator``). Label maps without a
     channel axis are recognised from the spatial shapes; when a shape is ambiguous (first spatial size equal to
-    ``num_classes`` or 1), pass (B, 1, *spatial).
+    ``num_classes`` or 1), pass ``(B, 1, *spatial)``.
 
     ``ignore_index`` voxels (where the target equals it) are left out of every count, prediction included. For a
     one-hot ``y`` an ``ignore_index`` in [0, C) marks voxels whose channel ``ignore_index`` is on, and one outside
