@@ -487,7 +487,23 @@ def per_class_terms(
         :class:`DiceTerms` of (B, C) tensors in ``probs``' dtype (float32 for half inputs).
 
     Shapes:
-        probs (B, C, *S); target (B, C, *S) | (B, 1, *S) | (B, *S); output (B, C) each.
+        probs ``(B, C, *S)``; target ``(B, C, *S)`` | ``(B, 1, *S)`` | ``(B, *S)``; output (B, C) each.
+
+    Examples:
+        A label map and its one-hot give the same terms:
+
+        >>> import torch
+        >>> from monai_gdl_plus.functional import dice_from_terms, per_class_terms
+        >>> p = torch.tensor([[[0.7, 0.0], [0.3, 1.0]]])  # (B=1, C=2, N=2) probabilities
+        >>> terms = per_class_terms(p, torch.tensor([[[0, 0]]]))  # label map (B, 1, N): class 0 twice
+        >>> terms
+        DiceTerms(intersection=tensor([[0.7000, 0.0000]]), pred_sum=tensor([[0.7000, 1.3000]]),
+                  target_sum=tensor([[2., 0.]]))
+        >>> dense = per_class_terms(p, torch.tensor([[[1.0, 1.0], [0.0, 0.0]]]))  # its one-hot (B, C, N)
+        >>> all(torch.equal(a, b) for a, b in zip(terms, dense))
+        True
+        >>> dice_from_terms(terms)  # 1 - 1.4 / 2.7, and class 1 (absent, 1.3 predicted) near 1
+        tensor([[0.4815, 1.0000]])
     """
     probs, target = plain_tensor(probs), plain_tensor(target)
     with autocast_off(probs.device):
@@ -532,6 +548,14 @@ def label_terms(
 
     Returns:
         :class:`DiceTerms` of int64 (B, C) counts: true positives, predicted voxels, true voxels per class.
+
+    Examples:
+        >>> import torch
+        >>> from monai_gdl_plus.functional import label_terms
+        >>> pred = torch.tensor([[0, 1, 1, 2]])  # (B=1, N=4)
+        >>> true = torch.tensor([[0, 1, 255, 2]])  # the third voxel is unlabelled
+        >>> label_terms(pred, true, num_classes=3, ignore_index=255)
+        DiceTerms(intersection=tensor([[1, 1, 1]]), pred_sum=tensor([[1, 1, 1]]), target_sum=tensor([[1, 1, 1]]))
     """
     pred_labels, target_labels = plain_tensor(pred_labels), plain_tensor(target_labels)
     if pred_labels.shape != target_labels.shape:
@@ -1028,6 +1052,17 @@ def dice_plus_loss(
 
     Returns:
         a scalar for ``"mean"``/``"sum"``; for ``"none"`` per-class values (B, C') or (C',) with ``batch=True``.
+
+    Examples:
+        >>> import torch
+        >>> from monai_gdl_plus import DicePlusLoss
+        >>> from monai_gdl_plus.functional import dice_plus_loss
+        >>> p = torch.tensor([[[0.7, 0.0], [0.3, 1.0]]])  # (B=1, C=2, N=2) probabilities
+        >>> g = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])  # one-hot
+        >>> dice_plus_loss(p, g, reduction="none")  # class 0: 1 - 1.4 / 2.7; class 1: absent, 1.3 predicted
+        tensor([[0.4815, 1.0000]])
+        >>> torch.equal(dice_plus_loss(p, g, jaccard=True), DicePlusLoss(jaccard=True)(p, g))  # as the module
+        True
     """
     o = _options(DiceOptions, options, kwargs)
     with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to
@@ -1066,6 +1101,20 @@ def generalized_dice_plus_loss(
 
     Returns:
         a scalar for ``"mean"``/``"sum"``; for ``"none"`` one value per sample (B,), or 0-d with ``batch=True``.
+
+    Examples:
+        A large class (3 voxels) predicted right and a small one (1 voxel) half-predicted: the steeper the volume
+        weighting, the more the small class counts.
+
+        >>> import torch
+        >>> from monai_gdl_plus.functional import generalized_dice_plus_loss
+        >>> p = torch.tensor([[[1.0, 1.0, 1.0, 0.5], [0.0, 0.0, 0.0, 0.5]]])  # (B=1, C=2, N=4) probabilities
+        >>> g = torch.tensor([[[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]])
+        >>> for w_type in ("uniform", "simple", "square"):  # 1 - 7/8, 1 - 9/11, 1 - 3/4
+        ...     print(w_type, round(float(generalized_dice_plus_loss(p, g, w_type=w_type)), 4))
+        uniform 0.125
+        simple 0.1818
+        square 0.25
     """
     o = _options(GeneralizedDiceOptions, options, kwargs)
     with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to

@@ -66,17 +66,29 @@ class PerClassDiceLogger:
             (or a key of the first event missing later), with the keys that were found.
         TypeError: arguments of the wrong type.
 
-    Example:
+    Examples:
+        An engine whose metric (here a stand-in for :class:`~monai_gdl_plus.PerClassDice`) puts ``dice/...`` keys
+        into ``engine.state.metrics`` at each epoch end; the logger, attached after it, keeps one row per epoch
+        and writes the CSV:
+
+        >>> import tempfile
+        >>> from pathlib import Path
         >>> from ignite.engine import Engine, Events
-        >>> engine = Engine(lambda e, b: None)
+        >>> from monai_gdl_plus import PerClassDiceLogger
+        >>> engine = Engine(lambda engine, batch: None)
         >>> @engine.on(Events.EPOCH_COMPLETED)
-        ... def fake_metric(e):
-        ...     e.state.metrics.update({"dice/liver": 0.8, "dice/mean": 0.8})
-        >>> dice_logger = PerClassDiceLogger()
+        ... def fake_metric(engine):
+        ...     liver = 0.5 + 0.25 * engine.state.epoch
+        ...     engine.state.metrics.update({"dice/liver": liver, "dice/tumour": 0.5, "dice/mean": (liver + 0.5) / 2})
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> dice_logger = PerClassDiceLogger(csv_path=Path(folder.name) / "dice.csv")
         >>> dice_logger.attach(engine)
         >>> _ = engine.run([0, 1], max_epochs=2)
         >>> dice_logger.history[-1]
-        {'epoch': 2, 'iteration': 4, 'liver': 0.8, 'mean': 0.8}
+        {'epoch': 2, 'iteration': 4, 'liver': 1.0, 'tumour': 0.5, 'mean': 0.75}
+        >>> (Path(folder.name) / "dice.csv").read_text().splitlines()
+        ['epoch,iteration,liver,tumour,mean', '1,2,0.75,0.5,0.625', '2,4,1.0,0.5,0.75']
+        >>> folder.cleanup()
     """
 
     def __init__(

@@ -157,14 +157,35 @@ class DicePlusLoss(_DiceFamilyLoss):
         Output: scalar; with ``reduction="none"`` (B, C') or (C',) with ``batch=True`` (C' = kept classes).
 
     Raises:
-        ValueError / TypeError at construction for bad options; ValueError in ``forward`` for bad shapes and values.
+        ValueError: at construction for a bad option value (naming the argument); in ``forward`` for bad shapes and
+            values.
+        TypeError: at construction for an argument of the wrong type or an unknown argument.
 
-    Example:
+    Examples:
+        Soft Dice of probabilities, by hand: overlap 0.7, sums 0.7 + 2, so the loss is ``1 - 1.4 / 2.7``; a perfect
+        prediction scores 0.
+
+        >>> import torch
+        >>> from monai_gdl_plus import DicePlusLoss
+        >>> p = torch.tensor([[[0.7, 0.0]]])  # (B=1, C=1, N=2): foreground probabilities
+        >>> g = torch.tensor([[[1.0, 1.0]]])
+        >>> DicePlusLoss()(p, g)
+        tensor(0.4815)
+        >>> DicePlusLoss()(g, g)
+        tensor(0.)
+
+        Logits and a label map, as MONAI's ``DiceLoss`` takes them, give MONAI's value (the label map is never
+        expanded to one-hot here):
+
+        >>> from monai.losses import DiceLoss
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(2, 3, 8, 8, 8, generator=gen)  # logits (B, C, D, H, W)
+        >>> y = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=gen)  # labels (B, 1, D, H, W)
         >>> loss = DicePlusLoss(to_onehot_y=True, softmax=True)
-        >>> x = torch.randn(2, 3, 8, 8, 8, requires_grad=True)
-        >>> y = torch.randint(0, 3, (2, 1, 8, 8, 8))
-        >>> float(loss(x, y)) <= 1.0
+        >>> torch.allclose(loss(x, y), DiceLoss(to_onehot_y=True, softmax=True)(x, y))
         True
+        >>> DicePlusLoss(to_onehot_y=True, softmax=True, reduction="none")(x, y).shape  # per (sample, class)
+        torch.Size([2, 3])
     """
 
     positional: ClassVar[tuple[str, ...]] = (
@@ -179,10 +200,18 @@ class DiceCEPlusLoss(DicePlusLoss):
     ``lambda_dice * Dice + lambda_ce * CE``; every :class:`DicePlusLoss` extension is a keyword argument. As in
     ``DiceCELoss``, ``weight`` has one value per class (CE uses all; Dice drops the first without background).
 
-    Example:
+    Examples:
+        >>> import torch
+        >>> from monai.losses import DiceCELoss
+        >>> from monai_gdl_plus import DiceCEPlusLoss
         >>> loss = DiceCEPlusLoss(to_onehot_y=True, softmax=True)  # was monai.losses.DiceCELoss(...)
         >>> (loss.lambda_dice, loss.lambda_ce)
         (1.0, 1.0)
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(2, 3, 8, 8, 8, generator=gen)
+        >>> y = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=gen)
+        >>> torch.allclose(loss(x, y), DiceCELoss(to_onehot_y=True, softmax=True)(x, y))
+        True
     """
 
     positional = (*_DICE_ORDER, "squared_pred", "jaccard", "reduction", "smooth_nr", "smooth_dr", "batch", "weight",
@@ -199,10 +228,18 @@ class TverskyPlusLoss(DicePlusLoss):
     Every :class:`DicePlusLoss` extension but ``jaccard`` and ``squared_pred`` is a keyword argument (``weight``,
     ``lambda_ce``, ...). ``reduction="none"`` returns (B, C') as MONAI's does.
 
-    Example:
+    Examples:
+        >>> import torch
+        >>> from monai.losses import TverskyLoss
+        >>> from monai_gdl_plus import TverskyPlusLoss
         >>> loss = TverskyPlusLoss(to_onehot_y=True, softmax=True, alpha=0.3, beta=0.7)
         >>> loss.tversky
         (0.3, 0.7)
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(2, 3, 8, 8, 8, generator=gen)
+        >>> y = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=gen)
+        >>> torch.allclose(loss(x, y), TverskyLoss(to_onehot_y=True, softmax=True, alpha=0.3, beta=0.7)(x, y))
+        True
     """
 
     positional = (*_DICE_ORDER, "alpha", "beta", "reduction", "smooth_nr", "smooth_dr", "batch", "soft_label",
@@ -224,10 +261,18 @@ class DiceFocalPlusLoss(DicePlusLoss):
     softmax form), and ``weight`` weighs both terms, one value per kept class. Every :class:`DicePlusLoss`
     extension is a keyword argument (``ignore_index`` applies to the focal term too).
 
-    Example:
+    Examples:
+        >>> import torch
+        >>> from monai.losses import DiceFocalLoss
+        >>> from monai_gdl_plus import DiceFocalPlusLoss
         >>> loss = DiceFocalPlusLoss(to_onehot_y=True, softmax=True, gamma=1.5)  # was monai.losses.DiceFocalLoss
         >>> (loss.lambda_focal, loss.gamma, loss.focal_alpha)
         (1.0, 1.5, None)
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(2, 3, 8, 8, 8, generator=gen)
+        >>> y = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=gen)
+        >>> torch.allclose(loss(x, y), DiceFocalLoss(to_onehot_y=True, softmax=True, gamma=1.5)(x, y))
+        True
     """
 
     positional = (*_DICE_ORDER, "squared_pred", "jaccard", "reduction", "smooth_nr", "smooth_dr", "batch", "gamma",
@@ -282,6 +327,33 @@ class GeneralizedDicePlusLoss(_DiceFamilyLoss):
     Shapes:
         input ``(B, C, *S)``; target ``(B, C, *S)`` or ``(B, 1, *S)`` labels with ``to_onehot_y``.
         Output: scalar; with ``reduction="none"`` (B,), or 0-d with ``batch=True``.
+
+    Examples:
+        With ``normalize_weights=False`` the value is MONAI's ``GeneralizedDiceLoss``'s; the default normalised
+        weights change it a little here (more on large volumes, where ``1/V**2`` is tiny beside the smoothing):
+
+        >>> import torch
+        >>> from monai.losses import GeneralizedDiceLoss
+        >>> from monai_gdl_plus import GeneralizedDicePlusLoss
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(2, 3, 8, 8, 8, generator=gen)  # logits (B, C, D, H, W)
+        >>> y = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=gen)  # labels (B, 1, D, H, W)
+        >>> monai_gdl = GeneralizedDiceLoss(to_onehot_y=True, softmax=True)
+        >>> ours = GeneralizedDicePlusLoss(to_onehot_y=True, softmax=True, normalize_weights=False)
+        >>> torch.allclose(ours(x, y), monai_gdl(x, y))
+        True
+        >>> GeneralizedDicePlusLoss(to_onehot_y=True, softmax=True, reduction="none")(x, y).shape  # per sample
+        torch.Size([2])
+
+        The empty-sample rule: no foreground in the target, one voxel confidently predicted foreground. MONAI
+        scores 0 (nothing to learn); this loss scores ``S / (S + 1) = 0.5``:
+
+        >>> g = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])  # (B=1, C=2, N=2): background only
+        >>> p = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])  # the first voxel predicted foreground
+        >>> GeneralizedDicePlusLoss(include_background=False)(p, g)
+        tensor(0.5000)
+        >>> GeneralizedDiceLoss(include_background=False)(p, g)
+        tensor(0.)
     """
 
     options_class = GeneralizedDiceOptions
@@ -300,10 +372,20 @@ class GeneralizedDiceFocalPlusLoss(GeneralizedDicePlusLoss):
     :class:`GeneralizedDicePlusLoss` with ``lambda_focal`` for static weights on both). Every
     :class:`GeneralizedDicePlusLoss` extension is a keyword argument.
 
-    Example:
+    Examples:
+        >>> import torch
+        >>> from monai.losses import GeneralizedDiceFocalLoss
+        >>> from monai_gdl_plus import GeneralizedDiceFocalPlusLoss
         >>> loss = GeneralizedDiceFocalPlusLoss(to_onehot_y=True, softmax=True, lambda_gdl=0.5)
         >>> (loss.lambda_dice, loss.lambda_focal)
         (0.5, 1.0)
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(2, 3, 8, 8, 8, generator=gen)
+        >>> y = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=gen)
+        >>> monai_loss = GeneralizedDiceFocalLoss(to_onehot_y=True, softmax=True, lambda_gdl=0.5)
+        >>> torch.allclose(GeneralizedDiceFocalPlusLoss(to_onehot_y=True, softmax=True, lambda_gdl=0.5,
+        ...                                             normalize_weights=False)(x, y), monai_loss(x, y))
+        True
     """
 
     positional = (*_DICE_ORDER, "w_type", "reduction", "smooth_nr", "smooth_dr", "batch", "gamma", "weight",

@@ -129,15 +129,30 @@ class PerClassDice(Metric):
         NotComputableError: ``compute()`` before any ``update``.
 
     Shapes:
-        y_pred (B, C, *S) | (B, 1, *S) | (B, *S) | list of (C, *S); y (B, 1, *S) | (B, *S) | (B, C, *S) | list.
+        y_pred ``(B, C, *S)`` | ``(B, 1, *S)`` | ``(B, *S)`` | list of ``(C, *S)``;
+        y ``(B, 1, *S)`` | ``(B, *S)`` | ``(B, C, *S)`` | list.
 
-    Example:
+    Examples:
+        Two voxels predicted background and liver, both liver in truth: liver Dice ``2 * 1 / (1 + 2)``; the tumour,
+        in neither, is NaN and left out of the mean.
+
         >>> import torch
+        >>> from monai_gdl_plus import PerClassDice
         >>> m = PerClassDice(num_classes=3, class_names=["bg", "liver", "tumour"])
-        >>> logits = torch.tensor([[[[4.0, 0.0]], [[0.0, 4.0]], [[0.0, 0.0]]]])  # (1, 3, 1, 2)
-        >>> m.update((logits, torch.tensor([[[1, 1]]])))
+        >>> logits = torch.tensor([[[[4.0, 0.0]], [[0.0, 4.0]], [[0.0, 0.0]]]])  # (B=1, C=3, 1, 2)
+        >>> m.update((logits, torch.tensor([[[1, 1]]])))  # label map (B, 1, 2)
         >>> {k: round(v, 3) for k, v in m.compute().items()}
         {'dice/liver': 0.667, 'dice/tumour': nan, 'dice/mean': 0.667}
+
+        Attached to an engine, the values land in ``engine.state.metrics`` as scalar keys (here summed over two
+        batches: liver ``2 * 1 / (2 + 3)``; the tumour, true in one voxel and never predicted, 0):
+
+        >>> from ignite.engine import Engine
+        >>> evaluator = Engine(lambda engine, batch: batch)  # each batch is already (y_pred, y)
+        >>> PerClassDice(num_classes=3, class_names=["bg", "liver", "tumour"]).attach(evaluator, "dice")
+        >>> state = evaluator.run([(logits, torch.tensor([[[1, 1]]])), (logits, torch.tensor([[[1, 2]]]))])
+        >>> state.metrics
+        {'dice/liver': 0.4, 'dice/tumour': 0.0, 'dice/mean': 0.2}
     """
 
     _state_dict_all_req_keys = ("_tp", "_pred_sum", "_true_sum", "_dice_sum", "_dice_count", "_num_samples")

@@ -4,14 +4,6 @@
 (a tensor: a buffer of the module); :class:`GeneralizedDiceOptions` adds the Generalised Dice ones. Both are checked
 once, at construction, and shared by the modules (:mod:`monai_gdl_plus.losses`) and the functions
 (:mod:`monai_gdl_plus.functional`), so an argument is declared, defaulted and validated in one place.
-
-Example:
-    >>> DiceOptions(softmax=True, lambda_ce=1.0).lambda_ce
-    1.0
-    >>> DiceOptions(reduction="meen")
-    Traceback (most recent call last):
-    ...
-    ValueError: `reduction` must be one of ('none', 'mean', 'sum'), got 'meen'. ...
 """
 
 from __future__ import annotations
@@ -67,7 +59,37 @@ class DiceOptions:
     """Every option of :class:`~monai_gdl_plus.DicePlusLoss` except ``weight``; see there for their meaning.
 
     Raises:
-        ValueError / TypeError at construction, naming the argument, the expectation and the value received.
+        ValueError: at construction for a bad value, naming the argument, the expectation and the value received.
+        TypeError: at construction for a value of the wrong type, likewise.
+
+    Examples:
+        Checked once, at construction (an option string gets a "did you mean"):
+
+        >>> from monai_gdl_plus.options import DiceOptions
+        >>> DiceOptions(reduction="meen")
+        Traceback (most recent call last):
+        ...
+        ValueError: `reduction` must be one of ('none', 'mean', 'sum'), got 'meen'. By 'meen', did you mean 'mean'?...
+
+        Frozen, and shared: one object configures the functions of :mod:`monai_gdl_plus.functional` as the module
+        does.
+
+        >>> import dataclasses, torch
+        >>> from monai_gdl_plus import DicePlusLoss, functional
+        >>> options = DiceOptions(include_background=False, reduction="none")
+        >>> options.reduction = "sum"
+        Traceback (most recent call last):
+        ...
+        dataclasses.FrozenInstanceError: cannot assign to field 'reduction'
+        >>> dataclasses.replace(options, reduction="sum").reduction
+        'sum'
+        >>> p = torch.tensor([[[0.3, 1.0], [0.7, 0.0]]])  # (B=1, C=2, N=2) probabilities
+        >>> g = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])
+        >>> functional.dice_plus_loss(p, g, options)  # class 1 only: 1 - 1.4 / 2.7
+        tensor([[0.4815]])
+        >>> torch.equal(functional.dice_plus_loss(p, g, options), DicePlusLoss(include_background=False,
+        ...                                                                   reduction="none")(p, g))
+        True
     """
 
     include_background: bool = True
@@ -147,7 +169,17 @@ class DiceOptions:
 
 @dataclass(frozen=True)
 class GeneralizedDiceOptions(DiceOptions):
-    """:class:`DiceOptions` plus the Generalised Dice options of :class:`~monai_gdl_plus.GeneralizedDicePlusLoss`."""
+    """:class:`DiceOptions` plus the Generalised Dice options of :class:`~monai_gdl_plus.GeneralizedDicePlusLoss`.
+
+    Examples:
+        >>> from monai_gdl_plus.options import GeneralizedDiceOptions
+        >>> GeneralizedDiceOptions(w_type="simple", absent_weight=0).absent_weight
+        0.0
+        >>> GeneralizedDiceOptions(w_type="squared")
+        Traceback (most recent call last):
+        ...
+        ValueError: `w_type` must be one of ('square', 'simple', 'uniform'), got 'squared'. ...
+    """
 
     w_type: WType = "square"
     absent_weight: AbsentWeight = "max"
