@@ -4,6 +4,8 @@
 #   pip install ".[docs]" && docs/build.sh            -> docs/_build/html/index.html
 # Extra arguments go to sphinx-build (e.g. -E for a fresh environment). GDL_PLUS_DOCS_EXECUTE=force re-executes
 # every notebook; =off renders them without outputs (a quick look at the pages, not for CI).
+# CI: start from an empty docs/_build (`rm -rf docs/_build && docs/build.sh`): the notebook cache is keyed on the
+# notebooks' code alone, so a library change does not re-execute a cached tutorial.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
