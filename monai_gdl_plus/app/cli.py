@@ -603,7 +603,10 @@ def _common_training_args(p: argparse.ArgumentParser, epochs: int) -> None:
         "--size", type=_size, default=DEFAULT_SIZE,
         help=f"edge of the synthetic volumes and training patches, a multiple of 8 ({DEFAULT_SIZE})",
     )  # fmt: skip
-    p.add_argument("--batch-size", type=_positive("--batch-size"), default=DEFAULT_BATCH, help=f"({DEFAULT_BATCH})")
+    p.add_argument(
+        "--batch-size", type=_positive("--batch-size"), default=DEFAULT_BATCH,
+        help=f"training batch size, per process with --nproc ({DEFAULT_BATCH})",
+    )  # fmt: skip
     p.add_argument("--lr", type=_learning_rate, default=DEFAULT_LR, help=f"Adam learning rate ({DEFAULT_LR})")
     p.add_argument(
         "--seed", type=_positive("--seed", 0, 2**32 - 1), default=0,
@@ -801,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 2 for bad input, 1 for an unexpected failure, 130 when interrupted.
+        int: the exit status: 0 on success, 2 for bad input, 1 for an unexpected failure, 130 when interrupted.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
