@@ -5,21 +5,20 @@ Usage::
     python benchmarks/bench_losses.py                 # the three issue shapes, all losses, time and memory
     python benchmarks/bench_losses.py --no-memory --csv bench.csv
     python benchmarks/bench_losses.py --shape 1,3,32,32,32 --rounds 1   # a quick look
-    # the same without page faults for anyone (an allocator that keeps freed memory; apt install libjemalloc2):
+    python benchmarks/bench_losses.py --allocator thp  # one allocator setting only (default: default and thp)
+    # a third view, without page faults for anyone (an allocator that keeps freed memory; apt install libjemalloc2):
     MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true \
         LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python benchmarks/bench_losses.py --no-memory
 
 On a virtual machine the first touch of fresh memory (printed per shape) can cost more than a loss's arithmetic
-and varies with the host; MONAI pays it for 3-5 logits-sized tensors per step, we pay it for one (the gradient),
-which on Linux we ask to be on huge pages (about a tenth of the cost here). The allocator line above shows the
-arithmetic alone; two more views of the same question::
+and varies with the host; MONAI pays it for 3-5 logits-sized tensors per step, we pay it for one (the gradient).
+So every implementation is measured under each allocator setting alike, each setting in its own child process:
+``default`` (``THP_MEM_ALLOC_ENABLE`` unset: fresh memory in 4 KiB pages) and ``thp`` (``THP_MEM_ALLOC_ENABLE=1``:
+PyTorch puts every CPU allocation of 2 MiB or more on huge pages); the targets are checked within each setting.
 
-    MONAI_GDL_PLUS_HUGE_PAGES=0 python benchmarks/bench_losses.py --no-memory   # ours in 4 KiB pages too
-    THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_losses.py --no-memory        # every big tensor on huge pages
-
-Method and columns: see :mod:`monai_gdl_plus.app.bench` (one process for all timings, warm-ups, round-robin rounds,
-medians; peak extra memory from a fresh subprocess per case). nnU-Net v2 is compared when importable
-(``pip install --no-deps nnunetv2``), otherwise its row says "not installed".
+Method and columns: see :mod:`monai_gdl_plus.app.bench` (per allocator setting, one process for all timings,
+warm-ups, round-robin rounds, medians; peak extra memory from a fresh subprocess per case under the same setting).
+nnU-Net v2 is compared when importable (``pip install --no-deps nnunetv2``), otherwise its row says "not installed".
 
 Targets (issue 5), at (2, 16, 64³) and (1, 105, 64³):
 - time: Dice and GDL at most 0.30x MONAI's DiceLoss / GeneralizedDiceLoss and faster than nnU-Net's
@@ -30,6 +29,7 @@ Targets (issue 5), at (2, 16, 64³) and (1, 105, 64³):
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 from collections.abc import Sequence
@@ -56,13 +56,15 @@ TARGETS = (
 
 
 def check_targets(rows: Sequence[dict]) -> list[str]:
-    """One line per (target, shape): the measured ratio, the bound, and met / MISSED / not measured."""
-    by_key = {(r["loss"], r["shape"]): r for r in rows}
+    """One line per (allocator setting, target, shape): the ratio measured within that setting, the bound, and
+    met / MISSED / not measured."""
+    by_key = {(r.get("allocator", "default"), r["loss"], r["shape"]): r for r in rows}
+    settings = list(dict.fromkeys(r.get("allocator", "default") for r in rows))
     lines = []
-    for ours, theirs, what, bound, strict in TARGETS:
+    for (ours, theirs, what, bound, strict), allocator in itertools.product(TARGETS, settings):
         col = "median_ms" if what == "time" else "peak_mb"
         for shape in TIME_SHAPES if what == "time" else MEMORY_SHAPES:
-            a, b = by_key.get((ours, shape)), by_key.get((theirs, shape))
+            a, b = by_key.get((allocator, ours, shape)), by_key.get((allocator, theirs, shape))
             if a is None and b is None:
                 continue  # shape or both losses not in this run
             ratio = a[col] / b[col] if a and b and b[col] > 0 else math.nan
@@ -77,7 +79,7 @@ def check_targets(rows: Sequence[dict]) -> list[str]:
                 verdict = "met" if (ratio < bound if strict else ratio <= bound) else "MISSED"
             names = f"{a['label'] if a else ours} / {b['label'] if b else theirs}"
             shown = f"{ratio:.2f}x" if math.isfinite(ratio) else "-"
-            lines.append(f"{what:<6} {shape:<15} {names} = {shown} (target {goal}): {verdict}")
+            lines.append(f"{what:<6} {allocator:<7} {shape:<15} {names} = {shown} (target {goal}): {verdict}")
     return lines
 
 
@@ -90,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = bench.benchmark(
             args.shapes or SHAPES, rounds=args.rounds, warmup=args.warmup, threads=args.threads,
             device=args.device, memory=args.memory, losses=args.losses, seed=args.seed,
-            log=lambda m: print(m, file=sys.stderr, flush=True),
+            log=lambda m: print(m, file=sys.stderr, flush=True), compile=args.compile, allocators=args.allocators,
         )  # fmt: skip
     except (ValueError, TypeError) as e:
         print(f"bench_losses: error: {e}", file=sys.stderr)

@@ -572,3 +572,13 @@ def test_issue_targets_are_checked():
     lines = script.check_targets(rows)
     assert sum("not measured (not installed)" in line for line in lines) == 4  # time x2, memory x2 at 1x105
 
+    # two allocator settings: each target is checked within each setting, against that setting's MONAI/nnU-Net
+    rows = [dict(r, allocator="default") for r in _rows_for_targets(ours_ms=25.0, ours_mb=90.0)]
+    rows += [dict(r, allocator="thp") for r in _rows_for_targets(ours_ms=35.0, ours_mb=90.0)]
+    lines = script.check_targets(rows)
+    assert len(lines) == 2 * (2 * 5 + 5)
+    assert [line for line in lines if line.endswith("MISSED")] == [
+        line for line in lines if " thp " in line and line.startswith("time") and "monai" in line.split("=")[0]
+        and "dicece" not in line.split("=")[0]
+    ]  # fmt: skip
+    assert len([line for line in lines if line.endswith("MISSED")]) == 4  # Dice and GDL vs MONAI at two shapes
