@@ -1029,7 +1029,7 @@ def _sync(
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in parts))
     sizes = [t.numel() for t in parts]
     flat = all_reduce(torch.cat([t.reshape(-1).to(dtype) for t in parts]))
-    out = [chunk.reshape(t.shape).to(t.dtype) for chunk, t in zip(torch.split(flat, sizes), parts)]
+    out = [chunk.reshape(t.shape).to(t.dtype) for chunk, t in zip(torch.split(flat, sizes), parts, strict=False)]
     c = len(terms)
     synced = [(lam, _Mean(*out[c + 1 + 2 * i: c + 3 + 2 * i])) for i, (lam, _) in enumerate(extras)]
     return DiceTerms(*out[:c]), out[c], synced

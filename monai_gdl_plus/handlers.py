@@ -9,13 +9,13 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from ignite.engine import Engine, Events
 
 __all__ = ["PerClassDiceLogger"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 CSV_NAME = "per_class_dice.csv"
 PLOT_NAME = "per_class_dice.png"
@@ -200,7 +200,7 @@ class PerClassDiceLogger:
         for row in state_dict["rows"]:
             if len(row) != len(keys):
                 raise ValueError(f"`state_dict` rows must have {len(keys)} values ({keys}), got {list(row)}.")
-            history.append({k: (int(v) if k in _FIXED_COLUMNS else float(v)) for k, v in zip(keys, row)})
+            history.append({k: (int(v) if k in _FIXED_COLUMNS else float(v)) for k, v in zip(keys, row, strict=False)})
         self.columns = columns
         self.history = history
         self._csv_rows = -1

@@ -241,13 +241,18 @@ class PerClassDice(Metric):
     # Ignite life-cycle
     # ----------------------------------------------------------------------------------------------------------------
 
+    @property
+    def _float64(self) -> torch.dtype:
+        # float32 on MPS, which has no float64 (what ignite >= 0.5.2 keeps in its private ``_double_dtype``)
+        return torch.float32 if self._device.type == "mps" else torch.float64
+
     @reinit__is_reduced
     def reset(self) -> None:
         c, dev = self.num_classes, self._device
         self._tp = torch.zeros(c, dtype=torch.long, device=dev)
         self._pred_sum = torch.zeros(c, dtype=torch.long, device=dev)
         self._true_sum = torch.zeros(c, dtype=torch.long, device=dev)
-        self._dice_sum = torch.zeros(c, dtype=self._double_dtype, device=dev)
+        self._dice_sum = torch.zeros(c, dtype=self._float64, device=dev)
         self._dice_count = torch.zeros(c, dtype=torch.long, device=dev)
         self._num_samples = torch.zeros((), dtype=torch.long, device=dev)
 
@@ -267,7 +272,7 @@ class PerClassDice(Metric):
                     "`y_pred` and `y` must both be tensors or both be lists of per-sample tensors of the same "
                     f"length, got {describe(y_pred)} and {describe(y)}."
                 )
-            for p, t in zip(y_pred, y):
+            for p, t in zip(y_pred, y, strict=False):
                 self._check_tensor(p, "y_pred")
                 self._check_tensor(t, "y")
                 self._update_batch(p.unsqueeze(0), t.unsqueeze(0))
@@ -423,8 +428,8 @@ class PerClassDice(Metric):
         self._true_sum += tsum.sum(0)
         denom = psum + tsum
         defined = denom > 0
-        zero = torch.zeros((), dtype=self._double_dtype, device=dev)
-        dice = torch.where(defined, 2.0 * tp.to(self._double_dtype) / denom.clamp_min(1), zero)
+        zero = torch.zeros((), dtype=self._float64, device=dev)
+        dice = torch.where(defined, 2.0 * tp.to(self._float64) / denom.clamp_min(1), zero)
         self._dice_sum += dice.sum(0)
         self._dice_count += defined.sum(0)
         self._num_samples += tp.shape[0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 __all__ = [
     "ABSENT_WEIGHTS",
@@ -31,7 +31,7 @@ ABSENT_WEIGHTS = ("max", "zero")
 
 Reduction = Literal["none", "mean", "sum"]
 WType = Literal["square", "simple", "uniform"]
-AbsentWeight = Union[Literal["max", "zero"], float]
+AbsentWeight = Literal["max", "zero"] | float
 
 
 def check_option(name: str, value: object, options: Sequence[str]) -> str:

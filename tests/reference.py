@@ -176,16 +176,16 @@ def gdl_weights(
     w = [vw(v) for v in vols]
     if any(present):
         if absent_weight == "max":
-            fill = max(wi for wi, pr in zip(w, present) if pr)
+            fill = max(wi for wi, pr in zip(w, present, strict=False) if pr)
         elif absent_weight == "zero":
             fill = 0.0
         else:
             fill = float(absent_weight)
-        w = [wi if pr else fill for wi, pr in zip(w, present)]
+        w = [wi if pr else fill for wi, pr in zip(w, present, strict=False)]
     else:
         w = [1.0] * len(w)
     if static is not None:
-        w = [wi * float(s) for wi, s in zip(w, static)]
+        w = [wi * float(s) for wi, s in zip(w, static, strict=False)]
     if normalize:
         total = sum(w)
         w = [wi / total for wi in w] if total > 0 else w

@@ -242,7 +242,7 @@ def test_custom_op_equals_the_eager_function_and_passes_gradcheck(small_chunks, 
         out = call(xi, labels, mask, weight, softmax, squared, with_ce, *flags)
         scalar(out).backward()
         results.append((torch.stack([t.detach() for t in (*out[:3], out[4])]), out[3].detach(), xi.grad))
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(
         lambda t: scalar(fused._label_terms_op(t, labels, mask, weight, softmax, squared, with_ce, *focal)),

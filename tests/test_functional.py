@@ -45,7 +45,7 @@ def test_per_class_terms_match_reference(case, squared, target_form, masked):
     m = torch.ones(b, 1, p[0, 0].numel(), dtype=p.dtype) if mask is None else mask.reshape(b, 1, -1)
     expected = R.terms(p.reshape(b, c, -1) * m, onehot.reshape(b, c, -1) * m, squared)
     assert isinstance(terms, GF.DiceTerms)
-    for got, want in zip(terms, expected):
+    for got, want in zip(terms, expected, strict=False):
         assert got.shape == (b, c)
         torch.testing.assert_close(got, want)
 
@@ -67,7 +67,7 @@ def test_per_class_terms_half_inputs_give_float32(case, dtype):
     p, labels = _probs(case)
     terms = GF.per_class_terms(p.to(dtype), labels)
     expected = GF.per_class_terms(p.to(dtype).float(), labels)
-    for got, want in zip(terms, expected):
+    for got, want in zip(terms, expected, strict=False):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want)
 
@@ -106,7 +106,7 @@ def test_label_terms_match_reference(case, ignore_index):
         target[:, :2] = ignore_index
     terms = GF.label_terms(pred, target, c, ignore_index=ignore_index)
     expected = R.label_counts(pred, target, c, ignore_index)
-    for got, want in zip(terms, expected):
+    for got, want in zip(terms, expected, strict=False):
         assert got.dtype == torch.int64
         torch.testing.assert_close(got, want)
 
@@ -202,7 +202,7 @@ def test_gdl_weights_match_reference(w_type, absent_weight, static, normalize):
     static_t = None if static is None else torch.tensor(static)
     w = GF.gdl_weights(vols, w_type, absent_weight, static_t, normalize)
     assert w.shape == vols.shape and not w.requires_grad  # weights carry no gradient
-    for row, got in zip(GDL_WEIGHT_VOLUMES, w):
+    for row, got in zip(GDL_WEIGHT_VOLUMES, w, strict=False):
         want = R.gdl_weights(row, w_type, absent_weight, static, normalize)
         torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64))
     # 1-D volumes (batch-summed) follow the same rules

@@ -143,7 +143,9 @@ def test_monai_supervised_trainer_and_evaluator(tmp_path, caplog):
                                       prefix="dice_img", output_transform=pred_label),
         },  # fmt: skip
         val_handlers=[
-            StatsHandler(iteration_log=False, global_epoch_transform=lambda _: trainer_epoch["epoch"]),
+            StatsHandler(
+                name="val_stats", iteration_log=False, global_epoch_transform=lambda _: trainer_epoch["epoch"]
+            ),
             TensorBoardStatsHandler(
                 log_dir=str(tb_dir), iteration_log=False, global_epoch_transform=lambda _: trainer_epoch["epoch"]
             ),
@@ -163,7 +165,8 @@ def test_monai_supervised_trainer_and_evaluator(tmp_path, caplog):
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: trainer_epoch.update(epoch=e.state.epoch))
 
     stats_records = RecordingHandler()
-    stats_logger = logging.getLogger("monai.handlers.StatsHandler")  # MONAI's logger does not propagate
+    # MONAI's logger does not propagate; named above, as its default name differs by release (1.4: "StatsHandler")
+    stats_logger = logging.getLogger("val_stats")
     stats_logger.addHandler(stats_records)
     try:
         with caplog.at_level(logging.INFO):

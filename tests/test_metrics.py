@@ -204,7 +204,7 @@ def test_global_matches_python_counts(num_classes, batch, size, include_backgrou
     result = metric.compute()
     p, t = pred.flatten().tolist(), true.flatten().tolist()
     for c in metric.reported:
-        tp = sum(1 for a, b in zip(p, t) if a == c and b == c)
+        tp = sum(1 for a, b in zip(p, t, strict=False) if a == c and b == c)
         denom = p.count(c) + t.count(c)
         expected = 2 * tp / denom if denom else NAN
         got = result[f"dice/{c}"]
@@ -255,7 +255,7 @@ def test_decollated_output_through_an_engine():
 
     def step(engine, batch):
         x, y = batch
-        return [{"pred": MetaTensor(p), "label": MetaTensor(t.float())} for p, t in zip(x, y)]
+        return [{"pred": MetaTensor(p), "label": MetaTensor(t.float())} for p, t in zip(x, y, strict=False)]
 
     engine = Engine(step)
     PerClassDice(3, aggregation="per_image", output_transform=from_engine(["pred", "label"])).attach(engine, "pcd")

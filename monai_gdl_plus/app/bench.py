@@ -890,7 +890,7 @@ def format_table(rows: Sequence[dict]) -> str:
     widths = [max([len(header[i])] + [len(c[i]) for c in cells.values()]) for i in range(len(_COLUMNS))]
 
     def line(c: list[str]) -> str:
-        return "  ".join(f"{v:{a}{w}}" for v, w, (_h, _k, _s, a) in zip(c, widths, _COLUMNS)).rstrip()
+        return "  ".join(f"{v:{a}{w}}" for v, w, (_h, _k, _s, a) in zip(c, widths, _COLUMNS, strict=False)).rstrip()
 
     settings: list[str] = []
     for r in rows:

@@ -234,7 +234,8 @@ def _class_shares(data: Any, decathlon: Any) -> dict[str, float]:
         for item in list(data.train) + list(data.val):
             counts += np.bincount(np.asarray(item["label"]).ravel(), minlength=data.num_classes)[: data.num_classes]
     total = counts.sum()
-    return {name: (float(c / total) if total else float("nan")) for name, c in zip(data.class_names, counts)}
+    shares = zip(data.class_names, counts, strict=True)
+    return {name: (float(c / total) if total else float("nan")) for name, c in shares}
 
 
 def train_bundle(
@@ -398,10 +399,10 @@ def _compare_table(results: Sequence[RunResult]) -> str:
     names = results[0].reported + ["mean"]
     width = max(len(r.variant) for r in results) + 2
     cols = [max(len(n), 6) + 2 for n in names]
-    head = f"{'variant':<{width}}" + "".join(f"{n:>{w}}" for n, w in zip(names, cols)) + f"{'time':>8}"
+    head = f"{'variant':<{width}}" + "".join(f"{n:>{w}}" for n, w in zip(names, cols, strict=False)) + f"{'time':>8}"
     lines = [head, "-" * len(head)]
     for r in results:
-        cells = "".join(f"{_fmt(r.final.get(n, math.nan)):>{w}}" for n, w in zip(names, cols))
+        cells = "".join(f"{_fmt(r.final.get(n, math.nan)):>{w}}" for n, w in zip(names, cols, strict=False))
         lines.append(f"{r.variant:<{width}}{cells}{r.seconds:>7.0f}s")
     return "\n".join(lines)
 

@@ -61,7 +61,7 @@ def _spatial_size(size: int | Sequence[int]) -> tuple[int, int, int]:
 
 
 def _ellipsoid(grid: tuple[np.ndarray, ...], center: np.ndarray, radii: np.ndarray) -> np.ndarray:
-    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii)) <= 1.0
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii, strict=False)) <= 1.0
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], passes: int = 2) -> np.ndarray:

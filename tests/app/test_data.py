@@ -125,7 +125,8 @@ def test_synthetic_classes_differ_in_intensity():
 
 def test_synthetic_is_deterministic_per_seed():
     a, b, c = (make_synthetic(2, size=16, seed=s) for s in (5, 5, 6))
-    assert all(np.array_equal(x["image"], y["image"]) and np.array_equal(x["label"], y["label"]) for x, y in zip(a, b))
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["label"], y["label"])
     assert not np.array_equal(a[0]["label"], c[0]["label"])
 
 
