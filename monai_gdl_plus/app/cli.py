@@ -614,6 +614,7 @@ def _common_training_args(p: argparse.ArgumentParser, epochs: int) -> None:
         help="seed of data, split, initialisation and shuffling, in [0, 2**32) as NumPy's (0)",
     )  # fmt: skip
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _launch_args(p)
 
 
 def _train_kwargs(args: argparse.Namespace, decathlon: Any) -> dict[str, Any]:
@@ -751,7 +752,6 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
         "(or --data), with a progress bar; print per-class Dice and write CSV, TensorBoard and PNG to a run folder.",
     )  # fmt: skip
     _common_training_args(demo, DEFAULT_EPOCHS)
-    _launch_args(demo)
     demo.add_argument(
         "--loss", default=DEFAULT_VARIANT, metavar="VARIANT",
         help=f"loss variant ({DEFAULT_VARIANT}); one of {', '.join(VARIANTS)}",
@@ -764,7 +764,6 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
         "per-class Dice, save one plot, and name the variant that helps the rarest class most.",
     )  # fmt: skip
     _common_training_args(compare, DEFAULT_COMPARE_EPOCHS)
-    _launch_args(compare)
     compare.add_argument(
         "--variants", default=",".join(DEFAULT_COMPARE),
         help=f"comma-separated ({','.join(DEFAULT_COMPARE)}); available: {', '.join(VARIANTS)}",
