@@ -190,6 +190,8 @@ def _quiet_libraries() -> Iterator[None]:
     """Keep the terminal for the progress bar and tables: library INFO logs and warnings are hidden."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    import monai.bundle.workflows  # noqa: F401  its logger is set to INFO when first imported: import it first
+
     saved = {name: logging.getLogger(name).level for name in ("monai.bundle.workflows",)}
     logging.getLogger("monai.bundle.workflows").setLevel(logging.ERROR)
     try:
