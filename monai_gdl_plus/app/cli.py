@@ -568,18 +568,17 @@ def _launch(args: argparse.Namespace, device: str) -> int:
     # node 0 holds rank 0, which writes the run folder; other nodes make none
     folder = _run_folder(args.out, args.command) if args.node_rank == 0 else contextlib.nullcontext(
         _run_path(args.out, args.command))
-    with folder as out:
-        config = parse_args([*torchrun, "--module", "monai_gdl_plus", *_worker_argv(args.argv, out)])
-        try:
-            run(config)
-        except ChildFailedError as e:
-            code = next(iter(e.failures.values())).exitcode  # the first rank to fail
-            print(f"gdl-plus {args.command}: error: {len(e.failures)} of the processes failed "
-                  f"(first: exit status {code}, see its message above)", file=sys.stderr)  # fmt: skip
-            return code if code > 0 else 1
-        if args.node_rank > 0:
-            print(f"gdl-plus {args.command}: node {args.node_rank} done; rank 0 (node 0) printed the results and "
-                  "wrote the run folder")  # fmt: skip
+    try:
+        with folder as out:  # a failure leaves no empty run folder behind (_run_folder)
+            run(parse_args([*torchrun, "--module", "monai_gdl_plus", *_worker_argv(args.argv, out)]))
+    except ChildFailedError as e:
+        code = next(iter(e.failures.values())).exitcode  # the first rank to fail
+        print(f"gdl-plus {args.command}: error: {len(e.failures)} of the processes failed "
+              f"(first: exit status {code}, see its message above)", file=sys.stderr)  # fmt: skip
+        return code if code > 0 else 1
+    if args.node_rank > 0:
+        print(f"gdl-plus {args.command}: node {args.node_rank} done; rank 0 (node 0) printed the results and "
+              "wrote the run folder")  # fmt: skip
     return 0
 
 

@@ -391,6 +391,7 @@ def test_a_failing_rank_fails_the_launch_in_one_line_per_rank(tmp_path):
     assert proc.stderr.count("the dataset length is less than the number of participating ranks") == 2
     assert "gdl-plus demo: error: 2 of the processes failed (first: exit status 2" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()  # the failed launch removed the empty run folder it made
 
 
 @pytest.mark.slow
