@@ -50,7 +50,8 @@ def _commands(mode: str, run: Path) -> list[list[str]]:
         files = f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'multi_gpu_train.yaml'}']"
         return [[py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                  "-m", "monai.bundle", "run", "--config_file", files, "--epochs", "3", "--patch_size", "[16, 16, 16]",
-                 "--synthetic#num_samples", "7", "--val_fraction", "0.45", "--output_dir", str(run / "out")]]  # fmt: skip
+                 "--synthetic#num_samples", "7", "--val_fraction", "0.45",
+                 "--output_dir", str(run / "out")]]  # fmt: skip
     if mode == "demo":
         return [[py, "-m", "monai_gdl_plus", "demo", *TINY, "--epochs", "2", "--nproc", "2", "--out", str(run / "out")]]
     if mode == "compare":

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monai_gdl_plus.app.distributed import end_process_group, release_process_group
+
 __all__ = [
     "CONFIG_PATH", "META_PATH", "MULTI_GPU_PATH", "VARIANTS", "RunResult", "build_parser", "main", "train_bundle",
 ]  # fmt: skip
@@ -359,6 +361,8 @@ def train_bundle(
         for handler in handlers:
             if hasattr(handler, "close"):
                 handler.close()
+        if distributed:  # the group outlives this run (main() ends it), but this run's DDP network must not hold it
+            release_process_group(parsed("network"))
     result.seconds = time.perf_counter() - start
     return result
 
@@ -582,13 +586,6 @@ def _launch(args: argparse.Namespace, device: str) -> int:
     return 0
 
 
-def _finish_worker() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 # ------------------------------------------------------------------------------------------------ commands
 
 
@@ -665,10 +662,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                   f"data {_source(args, decathlon)}")  # fmt: skip
         with _quiet_libraries():
             result = train_bundle(variant=variant, out_dir=out, **kwargs)
-    if args._worker:
-        _finish_worker()
-        if not _is_rank0():
-            return 0
+    if args._worker and not _is_rank0():  # rank 0 prints; main() ends every rank's part in the process group
+        return 0
     print()
     print(f"Per-class validation Dice after {len(result.history)} epochs ({result.seconds:.0f} s, loss {variant}):")
     print(_class_table(result))
@@ -700,10 +695,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 if rank0:
                     mean = _fmt(r.final.get("mean", math.nan))
                     print(f"  {variant:<20} done in {r.seconds:5.0f} s   mean Dice {mean}", flush=True)
-    if args._worker:
-        _finish_worker()
-        if not rank0:
-            return 0
+    if args._worker and not rank0:
+        return 0
     csv_path, png_path = out / "compare.csv", out / "compare.png"
     _write_compare_csv(results, csv_path)
     _plot_compare(results, png_path)
@@ -839,6 +832,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {type(inner).__name__}: {_one_line(inner)} (run with --traceback for details)",
               file=sys.stderr)  # fmt: skip
         return 1
+    finally:
+        if getattr(args, "_worker", False):  # a rank of --nproc, after success or failure alike
+            end_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -282,6 +282,23 @@ def test_bundle_under_torchrun_two_cpu_processes(tmp_path):
     assert not any(k.startswith("module.") for k in state)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_stalled_rank_fails_the_launch_after_dist_timeout(tmp_path):
+    """A rank that stops answering (here: sleeps instead of training) fails the launch once ``dist_timeout`` has
+    passed, with an exit status and gloo's one-line reason, instead of hanging it for PyTorch's 30 minutes."""
+    stall = tmp_path / "stall.yaml"
+    sleep = "sys.modules['time'].sleep(600)"
+    stall.write_text(f'run:\n  - "$@train#trainer.run() if dist.get_rank() == 0 else {sleep}"\n')
+    cmd = [
+        *_torchrun(2), "-m", "monai.bundle", "run", "--config_file", f"['{CONFIG}','{MULTI}','{stall}']",
+        *MULTI_ARGS, "--output_dir", str(tmp_path / "run"), "--dist_timeout", "5",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_cpu_env(), check=False, cwd=tmp_path)
+    assert proc.returncode == 1, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Timed out waiting 5000ms" in proc.stdout + proc.stderr
+
+
 _VALIDATE_ONCE = textwrap.dedent(
     """
     import json, os, sys
@@ -300,11 +317,12 @@ _VALIDATE_ONCE = textwrap.dedent(
         for p in net.parameters():
             p.copy_(0.1 * torch.randn(p.shape, generator=g))
     evaluator.run()
-    rank = int(os.environ.get("RANK", "-1"))
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"volumes": evaluator.state.iteration, "metrics": evaluator.state.metrics}, f)
     if "finalize" in parser:
         parser.get_parsed_content("finalize")
+    threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    rank = int(os.environ.get("RANK", "-1"))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"volumes": evaluator.state.iteration, "metrics": evaluator.state.metrics, "threads": threads}, f)
     """
 )
 
@@ -334,6 +352,8 @@ def test_distributed_validation_equals_one_process(tmp_path):
     # the validation volumes split 2 + 1 over the ranks, each counted once (no padding duplicates)
     assert sorted(r["volumes"] for r in results["multi"].values()) == [1, 2]
     for rank in ("rank0", "rank1"):  # the all-reduced metric: the same, exact value on every rank
+        # and the config's finalize left no gloo thread running into interpreter exit (where one could abort it)
+        assert [t for t in results["multi"][rank]["threads"] if "gloo" in t] == [], results["multi"][rank]["threads"]
         metrics = results["multi"][rank]["metrics"]
         assert set(metrics) == set(single["metrics"]) and {"dice/lesion", "dice/mean", "val_mean_dice"} <= set(metrics)
         for key, value in single["metrics"].items():
