@@ -31,127 +31,30 @@ activation from the logits into the buffer it returns as the gradient (one more 
 
 from __future__ import annotations
 
-import contextlib
-from typing import NamedTuple
-
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Focal", "autocast_off", "class_sums", "fused_label_terms"]
+from monai_gdl_plus._ops import (
+    NO_FOCAL,
+    Focal,
+    autocast_off,
+    chunk_voxels,
+    class_sums,
+    nll_from_lse,
+    on_host,
+    sigmoid_focal_grad,
+    sigmoid_focal_label_sums,
+    softmax_focal,
+    softmax_focal_grad,
+)
 
-# elements per chunk of temporaries: cache-sized on CPU; on accelerators large enough to keep kernels busy and
-# small enough (64 MiB in float32) that the temporaries stay far below the logits' size
-_CHUNK_ELEMENTS = {"cpu": 1 << 20}
-_DEFAULT_CHUNK = 1 << 24
-
-
-_BLOCK = 4096  # voxels per partial histogram on accelerators
-
-
-def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
-    """A context with autocast disabled for ``device``'s type (a no-op context where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _on_host(device: torch.device) -> bool:
-    """Whether a value check costs no sync there and class sums can be sequential (see ``_HOST_DEVICES``)."""
-    return device.type in _HOST_DEVICES
-
-
-def class_sums(
-    values: torch.Tensor | None, labels: torch.Tensor, num_classes: int, blocked: bool | None = None
-) -> torch.Tensor:
-    """``out[b, c] = sum(values[b, n] for n with labels[b, n] == c)`` in float64, without a one-hot; ``values``
-    None counts voxels. ``blocked`` None: blocked everywhere but on the host (``labels``' device).
-
-    CPU: a float64 scatter-add, which adds each sample's voxels in order (float32 would drift on large volumes;
-    1.1-10x faster than a weighted ``bincount`` here), into rows padded to whole cache lines; voxel counts take an
-    integer ``bincount`` per sample (labels are range-checked on the host before this) unless ``torch.compile``
-    traces.
-    Accelerators (``blocked``): atomic adds onto only C counters serialise, so each block of ``_BLOCK`` voxels gets
-    its own float32 (float64 for float64 values) histogram, and the (B, blocks, C) partial sums are added in
-    float64.
-    """
-    b, n = labels.shape
-    if blocked is None:
-        blocked = not _on_host(labels.device)
-    if not blocked and values is None and not torch.compiler.is_compiling():
-        return torch.stack([torch.bincount(row, minlength=num_classes) for row in labels]).double()
-    if not blocked:
-        src = torch.ones(labels.shape, dtype=torch.float64, device=labels.device) if values is None else values.double()
-        # each sample's row padded to whole 64-byte cache lines: threads adding into different samples' sums would
-        # otherwise share a line (3-8x slower for B > 1 and few classes)
-        out = torch.zeros(b, -(-num_classes // 8) * 8, dtype=torch.float64, device=labels.device)
-        return out.scatter_add_(1, labels, src)[:, :num_classes]
-    if values is None:
-        values = torch.ones(labels.shape, device=labels.device)
-    blocks = -(-n // _BLOCK)
-    block_of = torch.arange(n, device=labels.device) // _BLOCK
-    idx = torch.add(labels, block_of, alpha=num_classes)  # block * C + label
-    acc = torch.promote_types(values.dtype, torch.float32)  # float64 values keep float64 partial sums
-    partial = torch.zeros(b, blocks * num_classes, dtype=acc, device=labels.device)
-    partial.scatter_add_(1, idx, values.to(acc))
-    return partial.view(b, blocks, num_classes).sum(1, dtype=torch.float64)
-
-
-class Focal(NamedTuple):
-    """The focal term the fused path sums per (sample, class): ``kind`` 0 none, 1 the sigmoid form
-    ``alpha_t (1 - p_t)**gamma BCE(x, t)`` of every (class, voxel), 2 the softmax form
-    ``-alpha_t (1 - p_y)**gamma log p_y`` of the true class (see ``functional.focal_sums``)."""
-
-    kind: int = 0
-    gamma: float = 2.0
-    alpha: float | None = None
-
-
-_NO_FOCAL = Focal()
-
-
-def _sigmoid_focal(x: torch.Tensor, positive: bool, focal: Focal, grad: bool = False) -> torch.Tensor:
-    """Sigmoid-form focal loss of logits ``x`` for a target of all 1 (``positive``) or all 0,
-    ``a sigma(z)**gamma softplus(z)`` with ``z = -x`` or ``x`` (``a``: alpha or 1 - alpha), or with ``grad`` its
-    derivative in ``x``: ``-+ a sigma(z)**gamma (gamma (1 - sigma(z)) softplus(z) + sigma(z))``."""
-    z = -x if positive else x
-    s = torch.sigmoid(z)
-    sp = F.softplus(z)
-    sg = s.pow(focal.gamma)
-    a = 1.0 if focal.alpha is None else focal.alpha if positive else 1.0 - focal.alpha
-    if not grad:  # out of place: the plain autograd path differentiates this too
-        return sg * sp * a
-    d = (sp * (1.0 - s) * focal.gamma + s) * sg * a
-    return -d if positive else d
-
-
-def _softmax_focal(lp: torch.Tensor, lab: torch.Tensor, focal: Focal, grad: bool = False) -> torch.Tensor:
-    """Softmax-form focal loss ``-a (1 - p)**gamma L`` of the true class's log-probability ``L`` (``a``: 1 - alpha
-    for class 0, alpha otherwise), or with ``grad`` its derivative in ``L``,
-    ``a (gamma (1 - p)**(gamma - 1) p L - (1 - p)**gamma)``."""
-    p = lp.exp()
-    omp = (1.0 - p).clamp_min(torch.finfo(lp.dtype).tiny)
-    if grad:
-        v = focal.gamma * omp.pow(focal.gamma - 1.0) * p * lp - omp.pow(focal.gamma)
-    else:  # out of place: the plain autograd path differentiates this too
-        v = -omp.pow(focal.gamma) * lp
-    return v if focal.alpha is None else v * torch.where(lab == 0, 1.0 - focal.alpha, focal.alpha)
-
-
-def _step(p: torch.Tensor) -> int:
-    """Voxels per chunk of temporaries (see ``_CHUNK_ELEMENTS``)."""
-    b, c = p.shape[:2]
-    return max(1, _CHUNK_ELEMENTS.get(p.device.type, _DEFAULT_CHUNK) // max(1, b * c))
-
+__all__ = ["fused_label_terms"]
 
 # CPU softmax without the max pass: exp(x) is taken as is when each voxel's sum of exponentials lands in
 # [1 / 2^k, 2^k] (k below; logits up to about +-66 in float32), otherwise that chunk is redone with the max
 # subtracted, and so is the rest of the volume. Inside that range neither exp(x) nor its reciprocal sum overflows
 # or goes subnormal, so the probabilities carry the same rounding as the shifted form.
 _SAFE_SUM_LOG2 = {torch.float32: 96, torch.float64: 768}
-# devices where a value check costs no sync and class sums are sequential (bincount); others: always-shifted
-# softmax and blocked class sums
-_HOST_DEVICES = {"cpu"}
 
 
 def _forward_chunks(
@@ -163,7 +66,7 @@ def _forward_chunks(
     squared: bool,
     dtype: torch.dtype,
     with_ce: bool,
-    focal: Focal = _NO_FOCAL,
+    focal: Focal = NO_FOCAL,
 ):
     """The activation, kept as one logits-sized buffer, and the (B, C) terms, taken while each chunk is hot.
 
@@ -179,12 +82,12 @@ def _forward_chunks(
     """
     b, c, n = x.shape
     dev = x.device
-    host = _on_host(dev)
+    host = on_host(dev)
     blocked = not host
     tsum = class_sums(mask, labels, c, blocked)  # before the big buffer: its float64 copy of the mask is freed
     # the sigmoid-form focal term needs only the logits: summed before the big buffer exists, so that its
     # chunk temporaries add nothing to the peak
-    fsum = _sigmoid_focal_sums(x, labels, mask, focal, dtype, blocked) if focal.kind == 1 else None
+    fsum = sigmoid_focal_label_sums(x, labels, mask, focal, blocked) if focal.kind == 1 else None
     e = torch.empty((b, c, n), dtype=dtype, device=dev)
     r = torch.empty((b, n), dtype=dtype, device=dev) if softmax else None
     pt = torch.empty((b, 1, n), dtype=dtype, device=dev)  # the true class's probability
@@ -193,7 +96,7 @@ def _forward_chunks(
     fsum = torch.zeros((b, c), dtype=torch.float64, device=dev) if fsum is None else fsum
     unshifted = host and dtype in _SAFE_SUM_LOG2  # a range check is free only on the host
     bound = 2.0 ** _SAFE_SUM_LOG2.get(dtype, 0)
-    step = _step(e)
+    step = chunk_voxels(e)
     ones = torch.ones((b, 1, c), dtype=dtype, device=dev)  # sums over classes as a gemv: faster than sum(1)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
@@ -222,13 +125,13 @@ def _forward_chunks(
             wv = rc * rc if squared else rc
             wv = wv if mc is None else wv * mc
             if with_ce or focal.kind == 2:  # -log p_t = lse - x_t, lse = s + log(sum_c e)
-                nlp = tot.log_().sub_(xc.gather(1, lab))
-                nlp = nlp if shift is None else nlp.add_(shift)
+                lse = tot.log_() if shift is None else tot.log_().add_(shift)
+                nlp = nll_from_lse(lse, xc.gather(1, lab))
             if with_ce:
                 cw = mc if ce_weight is None else ce_weight[lab] if mc is None else ce_weight[lab] * mc
                 nll += (nlp if cw is None else nlp * cw).sum(dtype=torch.float64)
             if focal.kind == 2:
-                fv = _softmax_focal(-nlp, lab, focal)
+                fv = softmax_focal(-nlp, lab, focal)
                 fsum += class_sums((fv if mc is None else fv * mc).squeeze(1), lab.squeeze(1), c, blocked)
 
         qc = ec * ec if squared else ec
@@ -237,27 +140,9 @@ def _forward_chunks(
     return e, r, pt.squeeze(1), inter.to(dtype), psum.to(dtype), tsum.to(dtype), nll.to(dtype), fsum.to(dtype)
 
 
-def _sigmoid_focal_sums(x, labels, mask, focal: Focal, dtype: torch.dtype, blocked: bool) -> torch.Tensor:
-    """(B, C) float64 sums of the sigmoid-form focal term over quarter-size chunks: every (class, voxel) as a
-    negative, then the true class's correction (positive minus negative) by a class histogram."""
-    b, c, n = x.shape
-    fsum = torch.zeros((b, c), dtype=torch.float64, device=x.device)
-    step = max(1, _step(x) // 4)
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        xc, lab = x[:, :, lo:hi].to(dtype), labels[:, None, lo:hi]
-        mc = None if mask is None else mask[:, None, lo:hi]
-        f0 = _sigmoid_focal(xc, False, focal)
-        fsum += f0.sum(-1) if mc is None else torch.bmm(mc, f0.transpose(1, 2)).squeeze(1)
-        xt = xc.gather(1, lab)
-        fix = _sigmoid_focal(xt, True, focal) - _sigmoid_focal(xt, False, focal)
-        fsum += class_sums((fix if mc is None else fix * mc).squeeze(1), lab.squeeze(1), c, blocked)
-    return fsum
-
-
 class _FusedLabelTerms(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, labels, mask, ce_weight, softmax: bool, squared: bool, with_ce: bool, focal=_NO_FOCAL):  # noqa: D102
+    def forward(ctx, x, labels, mask, ce_weight, softmax: bool, squared: bool, with_ce: bool, focal=NO_FOCAL):  # noqa: D102
         dtype = torch.promote_types(x.dtype, torch.float32)
         focal = Focal(*focal)
         with autocast_off(x.device):
@@ -370,7 +255,7 @@ def _zeros_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def _backward_in_place(
-    e, r, pt, labels, mask, ce_weight, g_inter, g_psum, g_nll, squared, x=None, g_focal=None, focal=_NO_FOCAL
+    e, r, pt, labels, mask, ce_weight, g_inter, g_psum, g_nll, squared, x=None, g_focal=None, focal=NO_FOCAL
 ):
     """Overwrite ``e`` (see :func:`_forward_chunks`; softmax when ``r`` is given, else sigmoid) with dL/dx, and
     ``pt`` (the true class's probability, (B, N)) with the true-class correction.
@@ -400,7 +285,7 @@ def _backward_in_place(
         ce_v = g_nll.to(e.dtype) if ce_weight is None else g_nll.to(e.dtype) * ce_weight.to(e.dtype)[labels]
         corr.sub_(ce_v if mask is None else ce_v * mask)
     n = e.shape[-1]
-    step = max(1, _step(e) // 4)  # quarter-size chunks: the backward's temporaries are what sets the peak
+    step = max(1, chunk_voxels(e) // 4)  # quarter-size chunks: the backward's temporaries are what sets the peak
     beta = g_psum[:, :, None]
     g_focal = None if not focal.kind else _zeros_if_none(g_focal, e[:, :, 0]).to(e.dtype)
     for lo in range(0, n, step):
@@ -412,7 +297,7 @@ def _backward_in_place(
             rc = r[:, None, lo:hi]
             if focal.kind == 2:
                 lp = torch.gather(ec, 1, lab).mul_(rc).clamp_min_(torch.finfo(e.dtype).tiny).log_()
-                dv = _softmax_focal(lp, lab, focal, grad=True).mul_(gf_t)
+                dv = softmax_focal_grad(lp, lab, focal).mul_(gf_t)
                 kc.add_(dv if mc is None else dv * mc)
             u = rc if mc is None else rc * mc
             if squared:
@@ -431,10 +316,10 @@ def _backward_in_place(
         ec.mul_(factor)
         if focal.kind == 1:
             xc = x[:, :, lo:hi].to(e.dtype)
-            dense = _sigmoid_focal(xc, False, focal, grad=True).mul_(g_focal[:, :, None])
+            dense = sigmoid_focal_grad(xc, 0.0, focal).mul_(g_focal[:, :, None])
             ec.add_(dense if mc is None else dense.mul_(mc))
             xt = xc.gather(1, lab)
-            fix = _sigmoid_focal(xt, True, focal, grad=True).sub_(_sigmoid_focal(xt, False, focal, grad=True))
+            fix = sigmoid_focal_grad(xt, 1.0, focal).sub_(sigmoid_focal_grad(xt, 0.0, focal))
             kc.add_(fix.mul_(gf_t) if mc is None else fix.mul_(gf_t).mul_(mc))
         ec.scatter_add_(1, lab, kc)
     return e
@@ -449,7 +334,7 @@ def fused_label_terms(
     squared: bool = False,
     ce_weight: torch.Tensor | None = None,
     with_ce: bool = False,
-    focal: Focal = _NO_FOCAL,
+    focal: Focal = NO_FOCAL,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Intersection, prediction sum, target volume (each (B, C); the last without gradient), the summed
     softmax NLL (0-d; 0 unless ``with_ce``) and the masked focal sums (B, C) (0 unless ``focal.kind``).

@@ -1,23 +1,34 @@
 """Functional core of the Dice-family losses and of the per-class Dice metric.
 
-Tensors in, tensors out, no state. Every loss is the same four steps:
+Tensors in, tensors out, no state. :func:`dice_plus_loss` and :func:`generalized_dice_plus_loss` -- and so every
+loss of :mod:`monai_gdl_plus.losses` -- run these steps, configured by one options object
+(:mod:`monai_gdl_plus.options`):
 
-1. :func:`prepare` -- activation, label map or one-hot target, ignore mask, kept channels;
-2. :func:`per_class_terms` -- intersection ``I = sum(p * g)``, prediction sum ``P = sum(p)`` (or ``sum(p**2)``)
-   and target sum ``G = sum(g)`` per (sample, class), without ever building a dense one-hot of a label map;
-3. :func:`dice_from_terms` / :func:`tversky_from_terms` / :func:`generalized_dice_from_terms` -- combine the terms;
-4. :func:`reduce_loss` -- ``"none" | "mean" | "sum"``.
+1. :func:`prepare` -- the logits viewed as (B, C, N) once, the label map (ignored voxels mapped into range) or the
+   dense target, the ignore mask, the kept channels, and every value check;
+2. :func:`per_class_terms` -- intersection ``I = sum(p * g)``, prediction sum ``P = sum(p)`` (or ``sum(p**2)``) and
+   target sum ``G = sum(g)`` per (sample, kept class), with the true volumes. The one place that chooses the route:
+   a label map with a softmax or sigmoid takes the fused one-hot-free route (:mod:`monai_gdl_plus._fused`, which sums
+   the cross-entropy and focal terms in the same pass), anything else the plain one (:func:`activate`, then
+   :func:`soft_terms`, through autograd);
+3. :func:`extra_terms` -- the cross-entropy (:func:`cross_entropy_term`) and focal (:func:`focal_sums`) terms as
+   sums and the denominators of their means, for what the fused route did not sum already; their class weights and
+   the Dice term's come from :func:`class_weights`;
+4. combine -- the batch (``batch``) and process (``sync_batch``) sums, one block for both losses, then
+   :func:`dice_from_terms`, :func:`tversky_from_terms` or :func:`generalized_dice_from_terms`, plus ``lambda`` times
+   each extra term;
+5. :func:`reduce_loss` -- ``"none" | "mean" | "sum"``.
 
-:func:`dice_plus_loss` and :func:`generalized_dice_plus_loss` chain those steps (plus an optional cross-entropy
-term), configured by one options object each (:mod:`monai_gdl_plus.options`); the ``nn.Module`` classes in
-:mod:`monai_gdl_plus.losses` are thin wrappers around them. The metric shares
-:func:`per_class_terms` and :func:`label_terms` (hard counts).
+The metric (:class:`~monai_gdl_plus.PerClassDice`) shares the label rules (:func:`label_map`,
+:func:`check_binary`, :func:`dense_ignore_mask`, :func:`check_label_range`), :func:`soft_terms` and the hard counts
+of :func:`label_terms`. The device policy, the value-check primitives, the class sums and the per-voxel formulas
+(focal, cross entropy) are defined once, in ``monai_gdl_plus._ops``.
 
 Forms (MONAI 1.6.1): with ``D = P + G``,
 Dice ``1 - (2I + smooth_nr) / (D + smooth_dr)``, Jaccard ``1 - (2I + smooth_nr) / (2(D - I) + smooth_dr)``,
 Tversky ``1 - (I + smooth_nr) / (I + alpha (P - I) + beta (G - I) + smooth_dr)``.
 References: Milletari et al. 2016 (V-Net, squared denominator); Sudre et al. 2017 (Generalised Dice); Salehi et al.
-2017 (Tversky).
+2017 (Tversky); Lin et al. 2017 (focal loss).
 """
 
 from __future__ import annotations
@@ -30,59 +41,54 @@ from typing import NamedTuple, TypeVar
 import torch
 import torch.nn.functional as F
 
-from monai_gdl_plus._fused import (
+from monai_gdl_plus import _ops
+from monai_gdl_plus._fused import fused_label_terms
+from monai_gdl_plus._ops import (
+    LOW_PRECISION,
     Focal,
-    _on_host,
-    _sigmoid_focal,
-    _softmax_focal,
+    as_count,
     autocast_off,
+    checks_enabled,
     class_sums,
-    fused_label_terms,
+    nll_from_lse,
+    on_host,
+    sigmoid_focal,
+    sigmoid_focal_label_sums,
+    softmax_focal,
+    value_check,
+    wide,
 )
-from monai_gdl_plus.options import (
-    ABSENT_WEIGHTS,
-    REDUCTIONS,
-    W_TYPES,
-    AbsentWeight,
-    DiceOptions,
-    GeneralizedDiceOptions,
-    WType,
-    check_option,
-)
+from monai_gdl_plus.options import AbsentWeight, DiceOptions, GeneralizedDiceOptions, WType
 
 __all__ = [
-    "REDUCTIONS",
-    "DiceOptions",
-    "GeneralizedDiceOptions",
-    "check_option",
-    "check_weight",
-    "check_integer_labels",
-    "check_label_range",
-    "dense_ignore_mask",
-    "plain_tensor",
-    "W_TYPES",
-    "ABSENT_WEIGHTS",
     "DiceTerms",
     "Prepared",
+    "Terms",
+    "Weights",
     "activate",
-    "prepare",
-    "per_class_terms",
-    "label_terms",
-    "dice_from_terms",
-    "tversky_from_terms",
-    "generalized_dice_from_terms",
-    "gdl_weights",
-    "reduce_loss",
+    "check_binary",
+    "check_integer_labels",
+    "check_label_range",
+    "check_weight",
+    "class_weights",
     "cross_entropy_term",
-    "focal_sums",
-    "focal_from_sums",
+    "dense_ignore_mask",
+    "dice_from_terms",
     "dice_plus_loss",
+    "extra_terms",
+    "focal_sums",
+    "gdl_weights",
+    "generalized_dice_from_terms",
     "generalized_dice_plus_loss",
+    "label_map",
+    "label_terms",
+    "per_class_terms",
+    "plain_tensor",
+    "prepare",
+    "reduce_loss",
+    "soft_terms",
+    "tversky_from_terms",
 ]
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-# label maps with a softmax/sigmoid take the fused path; the tests turn it off to compare with the plain path
-_FUSED_LABEL_PATH = True
 
 
 class DiceTerms(NamedTuple):
@@ -103,24 +109,70 @@ class Prepared(NamedTuple):
     """What :func:`prepare` returns.
 
     Attributes:
-        probs: activated prediction (B, C, N), all C channels, float32 or float64 (:func:`prepare`); inside the
-            losses, before the activation, the raw ``input`` viewed as (B, C, N) in its own dtype.
-        labels: integer label map (B, N) with ignored voxels set to 0, or None for a dense target.
-        target: dense target (B, C, N), or None for a label map.
-        mask: (B, N) float, 1 = voxel counts, 0 = ignored; None without ``ignore_index``.
-        keep: the channel indices that enter the Dice sums (background and an in-range ignore_index dropped).
+        logits: ``input`` viewed as (B, C, N), in its own dtype (the routes compute in float32 or wider).
+        labels: integer label map (B, N), ignored voxels mapped to 0; None for a dense target.
+        target: dense target (B, C, N) in float32 or wider; None for a label map.
+        mask: (B, N), 1 = voxel counts, 0 = ignored, float32 or wider; None without ``ignore_index``.
+        keep: the channel indices that enter the Dice sums (background and an in-range ``ignore_index`` dropped).
     """
 
-    probs: torch.Tensor
+    logits: torch.Tensor
     labels: torch.Tensor | None
     target: torch.Tensor | None
     mask: torch.Tensor | None
     keep: tuple[int, ...]
 
 
+class Terms(NamedTuple):
+    """What :func:`per_class_terms` returns.
+
+    Attributes:
+        dice: :class:`DiceTerms` of the kept channels (B, C').
+        volumes: the true volumes ``sum(g)`` of the kept channels (B, C'), the GDL weights' input.
+        nll: the fused route's summed, masked, class-weighted softmax NLL (0-d), or None.
+        focal: the fused route's focal sums of every channel (B, C), or None.
+    """
+
+    dice: DiceTerms
+    volumes: torch.Tensor
+    nll: torch.Tensor | None = None
+    focal: torch.Tensor | None = None
+
+
+class Weights(NamedTuple):
+    """Static class weights as each term uses them (:func:`class_weights`); None: unweighted.
+
+    Attributes:
+        dice: one per kept channel, multiplying each class's Dice (GDL: its volume weight).
+        ce: one per class (C,): CE's ``weight``, or BCE's ``pos_weight``.
+        focal: one per kept channel, multiplying each class's focal term.
+    """
+
+    dice: torch.Tensor | None
+    ce: torch.Tensor | None
+    focal: torch.Tensor | None
+
+
+class _Mean(NamedTuple):
+    """A per-voxel term as a sum and its mean's denominator (both sums, so that processes can add them up)."""
+
+    num: torch.Tensor
+    den: torch.Tensor
+
+    def value(self, reduction: str) -> torch.Tensor:
+        return self.num if reduction == "sum" else self.num / self.den
+
+
 # --------------------------------------------------------------------------------------------------------------------
-# static class weights (the other options: monai_gdl_plus.options)
+# the label rules and value checks shared with the metric
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Drop tensor subclasses such as MONAI's MetaTensor (autograd-transparent; plain ops are faster)."""
+    if type(x) is not torch.Tensor and isinstance(x, torch.Tensor):
+        return x.as_subclass(torch.Tensor)
+    return x
 
 
 def check_weight(
@@ -140,69 +192,9 @@ def check_weight(
         raise ValueError(
             f"`weight` must be a scalar or a 1-D sequence (one value per class), got shape {tuple(w.shape)}."
         )
-    if _on_host(w.device) and _checks_enabled(w) and (not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
+    if on_host(w.device) and checks_enabled(w) and (not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
         raise ValueError(f"`weight` values must be finite and no less than 0, got {w.tolist()}.")
     return w
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# step 1: preparation
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def plain_tensor(x: torch.Tensor) -> torch.Tensor:
-    """Drop tensor subclasses such as MONAI's MetaTensor (autograd-transparent; plain ops are faster)."""
-    if type(x) is not torch.Tensor and isinstance(x, torch.Tensor):
-        return x.as_subclass(torch.Tensor)
-    return x
-
-
-def _checks_enabled(x: torch.Tensor) -> bool:
-    """Value checks that read data: never while torch.compile traces, never on the meta device."""
-    if x.device.type == "meta":
-        return False
-    return not torch.compiler.is_compiling()
-
-
-# devices with an asynchronous device-side assertion (the CPU one is reached in the tests' accelerator mode)
-_ASYNC_ASSERT_DEVICES = ("cuda", "cpu")
-
-
-def _value_check(ok: torch.Tensor, message: str, validate: bool) -> None:
-    """Raise ``ValueError(message)`` unless ``ok`` (a 0-d bool tensor) holds, without a host sync off the CPU.
-
-    CPU tensors are checked eagerly (no sync to speak of). On an accelerator the check is an asynchronous device
-    assertion (a RuntimeError with ``message`` at the next sync) unless ``validate=True``, which makes it a full
-    (synchronising) check with the readable ValueError.
-    """
-    if not _checks_enabled(ok):
-        return
-    if _on_host(ok.device) or validate:
-        if not bool(ok):
-            raise ValueError(message)
-    elif ok.device.type in _ASYNC_ASSERT_DEVICES:
-        torch._assert_async(ok, message)
-
-
-def activate(
-    input: torch.Tensor, sigmoid: bool = False, softmax: bool = False, other_act: Callable | None = None
-) -> torch.Tensor:
-    """Apply the activation along the channel axis (dim 1); fp16/bf16 inputs are computed in float32.
-
-    With one channel, ``softmax=True`` is ignored with a warning (as MONAI does).
-    """
-    x = input.float() if input.dtype in _LOW_PRECISION else input
-    if sigmoid:
-        return torch.sigmoid(x)
-    if softmax:
-        if input.shape[1] == 1:
-            warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
-            return x
-        return torch.softmax(x, 1)
-    if other_act is not None:
-        out = other_act(x)
-        return out.float() if out.dtype in _LOW_PRECISION else out
-    return x
 
 
 def _check_shapes(input: torch.Tensor, target: torch.Tensor) -> None:
@@ -223,9 +215,9 @@ def _check_shapes(input: torch.Tensor, target: torch.Tensor) -> None:
 
 
 def check_integer_labels(labels: torch.Tensor, name: str = "target", validate: bool = False) -> None:
-    """A floating label map must hold whole numbers: ValueError naming ``name`` (see :func:`_value_check`)."""
-    if (labels.is_floating_point() or labels.is_complex()) and _checks_enabled(labels):
-        _value_check(
+    """A floating label map must hold whole numbers: ValueError naming ``name`` (see ``_ops.value_check``)."""
+    if (labels.is_floating_point() or labels.is_complex()) and checks_enabled(labels):
+        value_check(
             (labels == torch.round(labels)).all(),
             f"`{name}` label map must hold integer class indices, got non-integer values.",
             validate,
@@ -261,31 +253,62 @@ def check_label_range(
     )
     if torch.compiler.is_compiling():
         torch._assert_async(ok, msg + ".")
-    elif _on_host(labels.device) or validate:
+    elif on_host(labels.device) or validate:
         if not bool(ok):
             bad = (labels < 0) | (labels >= num_classes)
             bad = bad if valid is None else bad & valid
             raise ValueError(f"{msg}, got {torch.unique(labels[bad])[:8].tolist()}.")
     else:
-        _value_check(ok, msg + ".", validate)
+        value_check(ok, msg + ".", validate)
 
 
-def _label_map(
-    target: torch.Tensor, num_classes: int, ignore_index: int | None, validate: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Integer labels (B, N) with ignored voxels mapped to 0, and the keep-mask (B, N) or None."""
-    t = target.reshape(target.shape[0], -1)
-    check_integer_labels(t, "target", validate)
+def label_map(
+    target: torch.Tensor, num_classes: int, ignore_index: int | None = None, *, name: str = "target",
+    validate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """A label map as the losses and the metric read it: int64 labels (B, N) with ignored voxels mapped to 0, and
+    the float32 mask (B, N) of counted voxels, or None without ``ignore_index``.
+
+    ``target`` ``(B, 1, *spatial)`` or ``(B, *spatial)`` must hold whole numbers in [0, num_classes) or equal to
+    ``ignore_index`` (:func:`check_integer_labels`, :func:`check_label_range`: ValueErrors naming ``name`` on the
+    host or with ``validate``, device assertions elsewhere). While ``torch.compile`` traces, the labels are also
+    clamped into range: the traced range check may raise only after the kernels that index with them ran, and an
+    out-of-bounds read in a generated CPU kernel aborts the interpreter.
+
+    Examples:
+        >>> import torch
+        >>> from monai_gdl_plus.functional import label_map
+        >>> label_map(torch.tensor([[[0, 2, 255]]]), 3, ignore_index=255)
+        (tensor([[0, 2, 0]]), tensor([[1., 1., 0.]]))
+        >>> label_map(torch.tensor([[[0, 3]]]), 3)
+        Traceback (most recent call last):
+        ...
+        ValueError: `target` label values must lie in [0, 3), got [3].
+    """
+    t = plain_tensor(target).reshape(target.shape[0], -1)
+    check_integer_labels(t, name, validate)
     t = t.long()
     valid = None if ignore_index is None else t != ignore_index
-    check_label_range(t, num_classes, ignore_index, name="target", validate=validate, valid=valid)
+    check_label_range(t, num_classes, ignore_index, name=name, validate=validate, valid=valid)
     if valid is not None:
         t = torch.where(valid, t, torch.zeros_like(t))
     if torch.compiler.is_compiling():
-        # the traced range check may raise only after the kernels indexing with these labels ran: keep their reads in
-        # bounds (fused into the index computation; an out-of-bounds read in a generated CPU kernel aborts)
-        t = t.clamp(0, num_classes - 1)
+        t = t.clamp(0, num_classes - 1)  # fused into the index computation of the kernels that read with it
     return t, None if valid is None else valid.to(torch.float32)
+
+
+def check_binary(
+    target: torch.Tensor, mask: torch.Tensor | None = None, *, name: str = "target", why: str = "",
+    validate: bool = False,
+) -> None:  # fmt: skip
+    """A dense target (B, C, N) must hold only 0 and 1 where ``mask`` (B, N) counts: a ValueError naming ``name`` (with
+    ``why``, the condition, e.g. " unless `soft_label=True`") on the host or with ``validate``, an asynchronous
+    device assertion elsewhere, nothing while ``torch.compile`` traces (see ``_ops.value_check``)."""
+    if not checks_enabled(target):
+        return
+    counted = target if mask is None else target * mask[:, None]  # ignored voxels may hold any value
+    value_check(((counted == 0) | (counted == 1)).all(), f"`{name}` must be binary (0/1){why}; got other values.",
+                validate)  # fmt: skip
 
 
 def dense_ignore_mask(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor | None:
@@ -299,108 +322,85 @@ def dense_ignore_mask(target: torch.Tensor, ignore_index: int | None) -> torch.T
     return (target.sum(1) > 0).to(torch.float32)
 
 
-def prepare(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    include_background: bool = True,
-    to_onehot_y: bool = False,
-    sigmoid: bool = False,
-    softmax: bool = False,
-    other_act: Callable | None = None,
-    soft_label: bool = False,
-    ignore_index: int | None = None,
-    validate: bool = False,
-) -> Prepared:
-    """Activation, target layout, ignore mask and kept channels, shared by every loss.
+# --------------------------------------------------------------------------------------------------------------------
+# step 1: prepare
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def prepare(input: torch.Tensor, target: torch.Tensor, options: DiceOptions) -> Prepared:
+    """Step 1: the logits as (B, C, N), the target's layout, the ignore mask and the kept channels, checked.
 
     Args:
-        input: logits or probabilities ``(B, C, *spatial)``.
-        target: one-hot / binary ``(B, C, *spatial)``, or a label map ``(B, 1, *spatial)`` with ``to_onehot_y=True``.
-        include_background: keep channel 0 in the sums.
-        to_onehot_y: treat a one-channel target as a label map of ``C`` classes (never materialised as one-hot).
-        sigmoid, softmax, other_act: activation (at most one).
-        soft_label: allow non-binary dense targets.
-        ignore_index: label whose voxels are excluded from every sum; an index in [0, C) also drops its channel.
-        validate: run every value check, synchronising if needed, and scan ``input`` for NaN/Inf.
+        input: logits or probabilities ``(B, C, *spatial)``; a MetaTensor is read as a plain tensor.
+        target: one-hot / binary ``(B, C, *spatial)``, or a label map ``(B, 1, *spatial)`` with ``to_onehot_y``
+            (never materialised as one-hot).
+        options: what the loss was built with (``to_onehot_y``, ``include_background``, ``ignore_index``,
+            ``soft_label``, ``validate`` matter here).
 
     Raises:
-        ValueError: shapes that do not match, label values outside [0, C) other than ``ignore_index``,
-            a non-binary target without ``soft_label``, NaN/Inf in ``input`` with ``validate=True``.
+        ValueError: shapes that do not match, label values outside [0, C) other than ``ignore_index``, a non-binary
+            target without ``soft_label``, no channel left to score, NaN/Inf in ``input`` with ``validate=True``.
+
+    Examples:
+        >>> import torch
+        >>> from monai_gdl_plus.functional import prepare
+        >>> from monai_gdl_plus.options import DiceOptions
+        >>> prep = prepare(torch.zeros(1, 3, 2, 2), torch.tensor([[[[0, 1], [2, 255]]]]),
+        ...                DiceOptions(to_onehot_y=True, include_background=False, ignore_index=255))
+        >>> prep.logits.shape, prep.labels, prep.mask, prep.keep
+        (torch.Size([1, 3, 4]), tensor([[0, 1, 2, 0]]), tensor([[1., 1., 1., 0.]]), (1, 2))
     """
-    input = plain_tensor(input)
-    prep = _prepare_target(
-        input, target, include_background=include_background, to_onehot_y=to_onehot_y, soft_label=soft_label,
-        ignore_index=ignore_index, validate=validate,
-    )  # fmt: skip
-    with autocast_off(input.device):
-        probs = activate(input, sigmoid, softmax, other_act).reshape(prep.probs.shape)
-    return prep._replace(probs=probs)
+    x, target, o = plain_tensor(input), plain_tensor(target), options
+    _check_shapes(x, target)
+    if o.validate and checks_enabled(x) and not bool(torch.isfinite(x).all()):
+        raise ValueError("`input` contains NaN or Inf values (found by `validate=True`).")
+    b, num_ch = x.shape[:2]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    labels = dense = None
+    if _is_label_map(x, target, o.to_onehot_y):
+        labels, mask = label_map(target, num_ch, o.ignore_index, validate=o.validate)
+    else:
+        dense = target.reshape(b, num_ch, -1)
+        dense = dense.to(acc) if not dense.is_floating_point() or dense.dtype in LOW_PRECISION else dense
+        mask = dense_ignore_mask(dense, o.ignore_index)
+        if not o.soft_label:
+            check_binary(dense, mask, why=" unless `soft_label=True`", validate=o.validate)
+    keep = _kept_channels(num_ch, o.include_background, o.ignore_index)
+    return Prepared(x.reshape(b, num_ch, -1), labels, dense, None if mask is None else mask.to(acc), keep)
 
 
-def _prepare_target(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    include_background: bool,
-    to_onehot_y: bool,
-    soft_label: bool,
-    ignore_index: int | None,
-    validate: bool,
-) -> Prepared:
-    """:func:`prepare` without the activation: ``probs`` holds the (B, C, N) view of the raw ``input``."""
-    input, target = plain_tensor(input), plain_tensor(target)
-    _check_shapes(input, target)
-    if validate and _checks_enabled(input):
-        if not bool(torch.isfinite(input).all()):
-            raise ValueError("`input` contains NaN or Inf values (found by `validate=True`).")
-    num_ch = input.shape[1]
-    b = input.shape[0]
-    dtype = torch.promote_types(input.dtype, torch.float32)
-
+def _is_label_map(x: torch.Tensor, target: torch.Tensor, to_onehot_y: bool) -> bool:
+    """Whether ``target`` is read as a label map; its channel count checked against ``x``'s either way."""
+    num_ch = x.shape[1]
     if to_onehot_y and num_ch == 1:
-        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=4)
-    label_path = to_onehot_y and num_ch > 1
-    if label_path and target.shape[1] != 1:
-        raise ValueError(
-            f"`to_onehot_y=True` expects a label map `target` of shape (B, 1, *spatial), got target shape "
-            f"{tuple(target.shape)} for input shape {tuple(input.shape)}."
-        )
-    if not label_path and target.shape[1] != num_ch:
+        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=5)
+    if to_onehot_y and num_ch > 1:
+        if target.shape[1] != 1:
+            raise ValueError(
+                f"`to_onehot_y=True` expects a label map `target` of shape (B, 1, *spatial), got target shape "
+                f"{tuple(target.shape)} for input shape {tuple(x.shape)}."
+            )
+        return True
+    if target.shape[1] != num_ch:
         hint = " A label map needs `to_onehot_y=True`." if target.shape[1] == 1 else ""
         raise ValueError(
             f"`target` must have {num_ch} channels like `input` (one-hot), got target shape {tuple(target.shape)} "
-            f"and input shape {tuple(input.shape)}.{hint}"
+            f"and input shape {tuple(x.shape)}.{hint}"
         )
+    return False
 
-    labels = dense = mask = None
-    if label_path:
-        labels, mask = _label_map(target, num_ch, ignore_index, validate)
-    else:
-        dense = target.reshape(b, num_ch, -1)
-        if not dense.is_floating_point() or dense.dtype in _LOW_PRECISION:
-            dense = dense.to(dtype)
-        mask = dense_ignore_mask(dense, ignore_index)
-        if not soft_label and _checks_enabled(dense):
-            counted = dense if mask is None else dense * mask[:, None]
-            _value_check(
-                ((counted == 0) | (counted == 1)).all(),
-                "`target` must be binary (0/1) unless `soft_label=True`; got non-binary values.",
-                validate,
-            )
 
+def _kept_channels(num_ch: int, include_background: bool, ignore_index: int | None) -> tuple[int, ...]:
     if not include_background and num_ch == 1:
-        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=4)
+        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=5)
     start = 1 if (not include_background and num_ch > 1) else 0
-    if mask is not None:
-        mask = mask.to(dtype)
-    keep = tuple(c for c in range(start, num_ch) if not (ignore_index is not None and c == ignore_index and num_ch > 1))
+    keep = tuple(c for c in range(start, num_ch) if not (c == ignore_index and num_ch > 1))
     if not keep:
         raise ValueError(
             f"no class left to score: `input` has {num_ch} channels, include_background={include_background} and "
             f"`ignore_index`={ignore_index} drop them all."
         )
-    return Prepared(input.reshape(b, num_ch, -1), labels, dense, mask, keep)
+    return keep
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -408,9 +408,140 @@ def _prepare_target(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _label_terms_soft(
+def per_class_terms(prep: Prepared, options: DiceOptions, weights: Weights | None = None) -> Terms:
+    """Step 2: the kept channels' Dice terms and true volumes; the one place that chooses the route.
+
+    A label map with a softmax or sigmoid takes the fused route (``monai_gdl_plus._fused``: chunked, one-hot-free,
+    with an analytic in-place backward, a custom op under ``torch.compile``), which also sums the softmax CE
+    (``lambda_ce`` > 0 without label smoothing) and the focal term (``lambda_focal`` > 0) in the same pass. Anything
+    else (a dense target, ``other_act``, no activation) takes the plain route: :func:`activate`, then
+    :func:`soft_terms`, through autograd. ``weights``: :func:`class_weights` (the fused CE's class weights).
+
+    Examples:
+        >>> import torch
+        >>> from monai_gdl_plus.functional import per_class_terms, prepare
+        >>> from monai_gdl_plus.options import DiceOptions
+        >>> o = DiceOptions(to_onehot_y=True, softmax=True)
+        >>> x, y = torch.zeros(1, 2, 4), torch.tensor([[[0, 0, 0, 1]]])  # even odds for both classes
+        >>> per_class_terms(prepare(x, y, o), o).dice
+        DiceTerms(intersection=tensor([[1.5000, 0.5000]]), pred_sum=tensor([[2., 2.]]), target_sum=tensor([[3., 1.]]))
+    """
+    sigmoid, softmax = _activation(options, prep.logits.shape[1])
+    if prep.labels is not None and (softmax or sigmoid) and _ops.FUSED_ROUTE:
+        return _fused_terms(prep, options, softmax, None if weights is None else weights.ce)
+    probs = activate(prep.logits, sigmoid, softmax, options.other_act)
+    terms, vol = soft_terms(probs, labels=prep.labels, target=prep.target, mask=prep.mask,
+                            squared=options.squared_pred, soft_label=options.soft_label)  # fmt: skip
+    return Terms(*_select(terms, vol, prep.keep))
+
+
+def _activation(o: DiceOptions, num_ch: int) -> tuple[bool, bool]:
+    """(sigmoid, softmax) as the routes apply them: a softmax over one channel is dropped with MONAI's warning."""
+    if o.softmax and num_ch == 1:
+        warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=5)
+    return o.sigmoid, o.softmax and num_ch > 1
+
+
+def _focal_spec(o: DiceOptions, num_ch: int) -> Focal:
+    """The focal term of ``o``; a scalar alpha is dropped (with MONAI's warning) for the softmax form without
+    background, as MONAI's ``FocalLoss(use_softmax=True)`` does."""
+    alpha = o.focal_alpha
+    if o.focal_softmax and alpha is not None and not o.include_background and num_ch > 1:
+        warnings.warn("`include_background=False`, scalar `alpha` ignored when using softmax.", stacklevel=5)
+        alpha = None
+    return Focal((2 if o.focal_softmax else 1) if o.lambda_focal > 0 else 0, o.gamma, alpha)
+
+
+def _fused_terms(prep: Prepared, o: DiceOptions, softmax: bool, ce_weight: torch.Tensor | None) -> Terms:
+    assert prep.labels is not None  # the route's condition
+    x = prep.logits
+    focal = _focal_spec(o, x.shape[1])
+    fuse_ce = o.lambda_ce > 0 and softmax and o.label_smoothing == 0
+    if focal.kind == 2 and not softmax:  # the softmax form under a sigmoid: left to the plain focal_sums
+        focal = Focal(0, o.gamma, focal.alpha)
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 logits: weights and sums in float32
+    ce_w = None if ce_weight is None or not fuse_ce else ce_weight.to(device=x.device, dtype=acc)
+    inter, psum, tsum, nll, fsum = fused_label_terms(
+        x, prep.labels, prep.mask, softmax=softmax, squared=o.squared_pred, ce_weight=ce_w, with_ce=fuse_ce,
+        focal=focal,
+    )  # fmt: skip
+    terms, vol = _select(DiceTerms(inter, psum, tsum), tsum, prep.keep)
+    return Terms(terms, vol, nll if fuse_ce else None, fsum if focal.kind else None)
+
+
+def activate(
+    input: torch.Tensor, sigmoid: bool = False, softmax: bool = False, other_act: Callable | None = None
+) -> torch.Tensor:
+    """Apply the activation along the channel axis (dim 1); fp16/bf16 inputs are computed in float32.
+
+    With one channel, ``softmax=True`` is ignored with a warning (as MONAI does).
+    """
+    x = wide(input)
+    if sigmoid:
+        return torch.sigmoid(x)
+    if softmax:
+        if input.shape[1] == 1:
+            warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
+            return x
+        return torch.softmax(x, 1)
+    return x if other_act is None else wide(other_act(x))
+
+
+def soft_terms(
+    probs: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    squared: bool = False,
+    soft_label: bool = False,
+) -> tuple[DiceTerms, torch.Tensor]:
+    """Per-(sample, class) terms of activated probabilities against a label map or a dense target, and the true
+    volumes ``sum(g)`` (which differ from ``G`` only for squared soft labels), by plain autograd.
+
+    Args:
+        probs: ``(B, C, *spatial)``, usually in [0, 1]; fp16/bf16 are summed in float32.
+        labels: integer labels ``(B, *spatial)`` or ``(B, 1, *spatial)`` in [0, C): never expanded to a one-hot.
+        target: or a dense target ``(B, C, *spatial)`` (exactly one of the two).
+        mask: ``(B, *spatial)`` or ``(B, 1, *spatial)`` weights, 1 = counted, 0 = ignored.
+        squared: ``sum(p**2)`` and ``sum(g**2)`` (V-Net) for the sums.
+        soft_label: MONAI's soft-label intersection for a dense non-binary target.
+
+    Returns:
+        :class:`DiceTerms` of (B, C) tensors and the (B, C) volumes, in ``probs``' dtype (float32 for half inputs).
+
+    Examples:
+        A label map and its one-hot give the same terms:
+
+        >>> import torch
+        >>> from monai_gdl_plus.functional import dice_from_terms, soft_terms
+        >>> p = torch.tensor([[[0.7, 0.0], [0.3, 1.0]]])  # (B=1, C=2, N=2) probabilities
+        >>> terms, volumes = soft_terms(p, labels=torch.tensor([[0, 0]]))  # class 0 twice
+        >>> terms
+        DiceTerms(intersection=tensor([[0.7000, 0.0000]]), pred_sum=tensor([[0.7000, 1.3000]]),
+                  target_sum=tensor([[2., 0.]]))
+        >>> dense, _ = soft_terms(p, target=torch.tensor([[[1.0, 1.0], [0.0, 0.0]]]))  # its one-hot (B, C, N)
+        >>> all(torch.equal(a, b) for a, b in zip(terms, dense))
+        True
+        >>> dice_from_terms(terms)  # 1 - 1.4 / 2.7, and class 1 (absent, 1.3 predicted) near 1
+        tensor([[0.4815, 1.0000]])
+    """
+    if (labels is None) == (target is None):
+        raise TypeError("soft_terms needs exactly one of `labels` and `target`.")
+    p = plain_tensor(probs)
+    b, num_ch = p.shape[:2]
+    p = wide(p).reshape(b, num_ch, -1)
+    m = None if mask is None else plain_tensor(mask).reshape(b, -1).to(p.dtype)
+    with autocast_off(p.device):
+        if labels is not None:
+            return _label_soft_terms(p, plain_tensor(labels).reshape(b, -1).long(), m, squared)
+        assert target is not None  # exactly one of the two
+        return _dense_terms(p, plain_tensor(target).reshape(b, num_ch, -1).to(p.dtype), m, squared, soft_label)
+
+
+def _label_soft_terms(
     probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, squared: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[DiceTerms, torch.Tensor]:
     num_ch = probs.shape[1]
     true_p = probs.gather(1, labels[:, None]).squeeze(1)  # (B, N): probability of the true class
     if mask is not None:
@@ -420,13 +551,13 @@ def _label_terms_soft(
     q = probs * probs if squared else probs
     # element-wise, not einsum: a matmul's backward would run in float16 where backward is called under autocast
     psum = q.sum(-1) if mask is None else (q * mask[:, None]).sum(-1)
-    return inter, psum, tsum
+    return DiceTerms(inter, psum, tsum), tsum
 
 
 def _dense_terms(
     probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, squared: bool, soft_label: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(I, P, G, V) for a dense target; V = sum(g) (GDL volumes), which differs from G only for squared soft labels."""
+) -> tuple[DiceTerms, torch.Tensor]:
+    """The terms and the volumes ``sum(g)`` of a dense target (which differ from G only for squared soft labels)."""
     if mask is not None:
         probs = probs * mask[:, None]
         target = target * mask[:, None]
@@ -436,7 +567,7 @@ def _dense_terms(
         tsum = target.abs().sum(-1)
         inter = (psum + tsum - (probs - target).abs().sum(-1)) / 2
         vol = target.sum(-1)
-        return inter, psum, tsum, vol
+        return DiceTerms(inter, psum, tsum), vol
     inter = (probs * target).sum(-1)
     if squared:
         psum = (probs * probs).sum(-1)
@@ -445,7 +576,98 @@ def _dense_terms(
     else:
         psum = probs.sum(-1)
         tsum = vol = target.sum(-1)
-    return inter, psum, tsum, vol
+    return DiceTerms(inter, psum, tsum), vol
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# step 3: class weights and the per-voxel extra terms (cross entropy, focal)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def class_weights(
+    prep: Prepared,
+    options: DiceOptions,
+    weight: torch.Tensor | None = None,
+    focal_weight: torch.Tensor | None = None,
+) -> Weights:
+    """Static class weights (:func:`check_weight`) as each term uses them.
+
+    Lengths follow MONAI: C (``DiceCELoss``: CE uses all, Dice drops the first without background) or, without
+    background, C - 1 (``DiceLoss``: one per non-background class; CE then gives the background weight 1); a
+    scalar applies to every class; lengths count classes before an in-range ``ignore_index`` channel is dropped. As
+    MONAI, the Dice term takes no class weight when a single class is scored. The focal term takes
+    ``focal_weight`` if given (MONAI's ``GeneralizedDiceFocalLoss`` weighs only its focal term), else ``weight``.
+
+    Raises:
+        ValueError: a length that is neither.
+    """
+    num_ch, o = prep.logits.shape[1], options
+    dice_w, ce_w = _split_weight(weight, num_ch, o.include_background, prep.keep)
+    focal_w = dice_w if focal_weight is None else _split_weight(focal_weight, num_ch, o.include_background,
+                                                                prep.keep)[0]  # fmt: skip
+    if num_ch - (0 if o.include_background or num_ch == 1 else 1) == 1:
+        dice_w = None
+    return Weights(dice_w, ce_w, focal_w)
+
+
+def extra_terms(prep: Prepared, terms: Terms, options: DiceOptions, weights: Weights) -> list[tuple[float, _Mean]]:
+    """Step 3: the CE and focal terms as ``(lambda, (sum, denominator))`` pairs (none without them), taking what the
+    fused route summed already (``terms.nll``, ``terms.focal``) and computing the rest from the logits."""
+    o, extras = options, []
+    if o.lambda_ce > 0:
+        if terms.nll is not None:
+            ce = _Mean(terms.nll, _ce_count(prep, weights.ce))
+        else:
+            ce = _cross_entropy_parts(prep, o.sigmoid, weights.ce, o.label_smoothing)
+        extras.append((o.lambda_ce, ce))
+    if o.lambda_focal > 0:
+        sums = terms.focal
+        if sums is None:
+            sums = _focal_label_or_dense(prep, _focal_spec(o, prep.logits.shape[1]))
+        count = _voxel_counts(prep)
+        extras.append((o.lambda_focal, _focal_parts(_take_channels(sums, prep.keep, 1), count, weights.focal,
+                                                    o.reduction)))  # fmt: skip
+    return extras
+
+
+def cross_entropy_term(
+    prep: Prepared,
+    *,
+    sigmoid: bool = False,
+    class_weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross entropy (softmax) or per-channel BCE-with-logits (``sigmoid``, or one channel) of the prepared logits,
+    ignored voxels left out; ``class_weight`` is CE's ``weight`` (C,) or BCE's ``pos_weight``. ``"mean"`` as
+    ``F.cross_entropy`` (over the class weights of the counted voxels), ``"sum"`` the sum.
+
+    Examples:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from monai_gdl_plus.functional import cross_entropy_term, prepare
+        >>> from monai_gdl_plus.options import DiceOptions
+        >>> x, y = torch.randn(2, 3, 5), torch.randint(0, 3, (2, 1, 5))
+        >>> prep = prepare(x, y, DiceOptions(to_onehot_y=True))
+        >>> torch.allclose(cross_entropy_term(prep), F.cross_entropy(x, y[:, 0]))
+        True
+    """
+    return _cross_entropy_parts(prep, sigmoid, class_weight, label_smoothing).value(reduction)
+
+
+def _cross_entropy_parts(
+    prep: Prepared, sigmoid: bool, class_weight: torch.Tensor | None, label_smoothing: float
+) -> _Mean:
+    x = wide(prep.logits)
+    w = None if class_weight is None else class_weight.to(x)
+    if sigmoid or x.shape[1] == 1:
+        return _bce_parts(x, prep, w)
+    if prep.labels is not None:
+        return _Mean(_label_map_ce(x, prep.labels, prep.mask, w, label_smoothing).sum(), _ce_count(prep, w))
+    ce = F.cross_entropy(x, _dense(prep), weight=w, label_smoothing=label_smoothing, reduction="none")
+    if prep.mask is None:  # probability targets: the mean is over voxels, whatever the weights
+        return _Mean(ce.sum(), as_count(ce.numel(), ce))
+    return _Mean((ce * prep.mask).sum(), prep.mask.sum().clamp_min(1.0))
 
 
 def _dense(prep: Prepared) -> torch.Tensor:
@@ -455,139 +677,115 @@ def _dense(prep: Prepared) -> torch.Tensor:
     return prep.target
 
 
-def _terms_and_volumes(prep: Prepared, squared: bool, soft_label: bool) -> tuple[DiceTerms, torch.Tensor]:
-    """Kept-channel terms and true volumes from an activated :class:`Prepared` (plain autograd path)."""
+def _label_map_ce(
+    x: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, w: torch.Tensor | None, label_smoothing: float
+) -> torch.Tensor:
+    """Per-voxel softmax cross entropy (B, N) of logits (B, C, N) against labels (B, N), as
+    ``F.cross_entropy(..., reduction="none")`` with ``weight`` and ``label_smoothing``, masked.
+
+    Written from the log-sum-exp rather than ``F.cross_entropy``: its ``nll_loss`` has no deterministic CUDA
+    kernel, so ``torch.use_deterministic_algorithms(True)`` would make it raise there.
+    """
+    lse = torch.logsumexp(x, 1)
+    nll = nll_from_lse(lse, x.gather(1, labels[:, None]).squeeze(1))
+    if w is not None:
+        nll = nll * w[labels]
+    if label_smoothing > 0:  # sum over classes of (weighted) -log p_c = lse - x_c
+        smooth = nll_from_lse(lse[:, None], x) if w is None else nll_from_lse(lse[:, None], x) * w[:, None]
+        nll = (1.0 - label_smoothing) * nll + (label_smoothing / x.shape[1]) * smooth.sum(1)
+    return nll if mask is None else nll * mask
+
+
+def _ce_count(prep: Prepared, weight: torch.Tensor | None) -> torch.Tensor:
+    """Denominator of a mean CE over a label map: the summed class weights of the counted voxels (as torch)."""
+    assert prep.labels is not None  # a label-map target
+    if weight is None and prep.mask is None:
+        return as_count(prep.labels.numel(), prep.logits)
+    acc = torch.promote_types(prep.logits.dtype, torch.float32)
+    wt = weight.to(device=prep.labels.device, dtype=acc)[prep.labels] if weight is not None else None
+    if prep.mask is not None:
+        wt = prep.mask.to(acc) if wt is None else wt * prep.mask
+    assert wt is not None
+    return wt.sum().clamp_min(torch.finfo(acc).tiny)
+
+
+def _bce_parts(x: torch.Tensor, prep: Prepared, pos_weight: torch.Tensor | None) -> _Mean:
+    """Per-channel BCE-with-logits ``pw*g*softplus(-x) + (1-g)*softplus(x)``; a label map is gathered, not one-hot."""
+    pw = None if pos_weight is None else pos_weight.reshape(-1, 1) if pos_weight.ndim else pos_weight
     if prep.labels is not None:
-        inter, psum, tsum = _label_terms_soft(prep.probs, prep.labels, prep.mask, squared)
-        vol = tsum
+        x_true = x.gather(1, prep.labels[:, None]).squeeze(1)
+        pw_true = 1.0 if pw is None else pw.reshape(-1)[prep.labels] if pw.ndim else pw
+        per_voxel = F.softplus(x).sum(1) + pw_true * F.softplus(-x_true) - F.softplus(x_true)
     else:
-        inter, psum, tsum, vol = _dense_terms(prep.probs, _dense(prep), prep.mask, squared, soft_label)
-    return _select(DiceTerms(inter, psum, tsum), vol, prep.keep)
+        per_voxel = F.binary_cross_entropy_with_logits(x, _dense(prep), pos_weight=pw, reduction="none").sum(1)
+    num_ch = x.shape[1]
+    if prep.mask is not None:
+        return _Mean((per_voxel * prep.mask).sum(), (prep.mask.sum() * num_ch).clamp_min(1.0))
+    return _Mean(per_voxel.sum(), as_count(per_voxel.numel() * num_ch, per_voxel))
 
 
-def per_class_terms(
-    probs: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    squared: bool = False,
-    mask: torch.Tensor | None = None,
-    soft_label: bool = False,
-) -> DiceTerms:
-    """Per-(sample, class) intersection, prediction sum and target sum.
-
-    Args:
-        probs: activated prediction ``(B, C, *spatial)``, values usually in [0, 1].
-        target: dense target ``(B, C, *spatial)``, or an integer label map ``(B, 1, *spatial)`` / ``(B, *spatial)``
-            with values in [0, C) -- a label map is never expanded to a one-hot tensor.
-        squared: use ``sum(p**2)`` and ``sum(g**2)`` (V-Net) for the sums.
-        mask: optional ``(B, 1, *spatial)`` or ``(B, *spatial)`` weights, 1 = counted, 0 = ignored.
-        soft_label: MONAI's soft-label intersection for dense non-binary targets.
+def focal_sums(
+    prep: Prepared, *, gamma: float = 2.0, alpha: float | None = None, softmax: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Focal loss (Lin et al. 2017) of the prepared logits summed per (sample, class) over the counted voxels, and
+    the number of counted voxels per sample, in MONAI ``FocalLoss``'s forms (``_ops.sigmoid_focal``: per element,
+    the default; ``_ops.softmax_focal``: the true class only, ``softmax``). A label map is never one-hot encoded.
 
     Returns:
-        :class:`DiceTerms` of (B, C) tensors in ``probs``' dtype (float32 for half inputs).
-
-    Shapes:
-        probs ``(B, C, *S)``; target ``(B, C, *S)`` | ``(B, 1, *S)`` | ``(B, *S)``; output (B, C) each.
+        (B, C) sums and (B,) counts, float32 or wider.
 
     Examples:
-        A label map and its one-hot give the same terms:
-
         >>> import torch
-        >>> from monai_gdl_plus.functional import dice_from_terms, per_class_terms
-        >>> p = torch.tensor([[[0.7, 0.0], [0.3, 1.0]]])  # (B=1, C=2, N=2) probabilities
-        >>> terms = per_class_terms(p, torch.tensor([[[0, 0]]]))  # label map (B, 1, N): class 0 twice
-        >>> terms
-        DiceTerms(intersection=tensor([[0.7000, 0.0000]]), pred_sum=tensor([[0.7000, 1.3000]]),
-                  target_sum=tensor([[2., 0.]]))
-        >>> dense = per_class_terms(p, torch.tensor([[[1.0, 1.0], [0.0, 0.0]]]))  # its one-hot (B, C, N)
-        >>> all(torch.equal(a, b) for a, b in zip(terms, dense))
+        >>> from monai.losses import FocalLoss
+        >>> from monai_gdl_plus.functional import focal_sums, prepare
+        >>> from monai_gdl_plus.options import DiceOptions
+        >>> x, y = torch.randn(2, 3, 5), torch.randint(0, 3, (2, 1, 5))
+        >>> sums, count = focal_sums(prepare(x, y, DiceOptions(to_onehot_y=True)))
+        >>> torch.allclose(sums.sum() / (count.sum() * 3), FocalLoss(to_onehot_y=True)(x, y))
         True
-        >>> dice_from_terms(terms)  # 1 - 1.4 / 2.7, and class 1 (absent, 1.3 predicted) near 1
-        tensor([[0.4815, 1.0000]])
     """
-    probs, target = plain_tensor(probs), plain_tensor(target)
-    with autocast_off(probs.device):
-        return _per_class_terms(probs, target, squared, mask, soft_label)
+    return _focal_label_or_dense(prep, Focal(2 if softmax else 1, gamma, alpha)), _voxel_counts(prep)
 
 
-def _per_class_terms(
-    probs: torch.Tensor, target: torch.Tensor, squared: bool, mask: torch.Tensor | None, soft_label: bool
-) -> DiceTerms:
-    b, num_ch = probs.shape[:2]
-    p = probs.float() if probs.dtype in _LOW_PRECISION else probs
-    p = p.reshape(b, num_ch, -1)
-    m = None if mask is None else plain_tensor(mask).reshape(b, -1).to(p.dtype)
-    one_channel_labels = num_ch == 1 and not target.is_floating_point()
-    dense = target.ndim == probs.ndim and target.shape[1] == num_ch and not one_channel_labels
-    if dense:
-        t = target.reshape(b, num_ch, -1)
-        t = t.to(p.dtype) if (not t.is_floating_point() or t.dtype != p.dtype) else t
-        inter, psum, tsum, _ = _dense_terms(p, t, m, squared, soft_label)
-        return DiceTerms(inter, psum, tsum)
-    labels = target.reshape(b, -1).long()
-    inter, psum, tsum = _label_terms_soft(p, labels, m, squared)
-    return DiceTerms(inter, psum, tsum)
+def _focal_label_or_dense(prep: Prepared, focal: Focal) -> torch.Tensor:
+    """The plain route's focal sums (B, C): ``focal.kind`` 1 the sigmoid form, 2 the softmax form."""
+    x, m, c = wide(prep.logits), prep.mask, prep.logits.shape[1]
+    softmax = focal.kind == 2
+    if prep.labels is not None and not softmax:
+        return sigmoid_focal_label_sums(x, prep.labels, m, focal).to(x.dtype)
+    if prep.labels is not None:
+        lp = -nll_from_lse(torch.logsumexp(x, 1), x.gather(1, prep.labels[:, None]).squeeze(1))  # log p_t
+        per_voxel = softmax_focal(lp, prep.labels, focal)
+        return class_sums(per_voxel if m is None else per_voxel * m, prep.labels, c).to(x.dtype)
+    t = _dense(prep).to(x.dtype)
+    if softmax:
+        per_element = softmax_focal(torch.log_softmax(x, 1), torch.arange(c, device=x.device)[:, None], focal) * t
+    else:
+        per_element = sigmoid_focal(x, t, focal)
+    return (per_element if m is None else per_element * m[:, None]).sum(-1)
 
 
-def label_terms(
-    pred_labels: torch.Tensor,
-    target_labels: torch.Tensor,
-    num_classes: int,
-    ignore_index: int | None = None,
-    *,
-    names: tuple[str, str] = ("pred_labels", "target_labels"),
-) -> DiceTerms:
-    """Hard per-class counts from two integer label maps, without one-hot tensors (the metric's core).
+def _voxel_counts(prep: Prepared) -> torch.Tensor:
+    """Counted voxels per sample (B,), float32 or wider."""
+    x = prep.logits
+    acc = torch.promote_types(x.dtype, torch.float32)
+    if prep.mask is None:
+        return torch.full((x.shape[0],), x.shape[-1], dtype=acc, device=x.device)
+    return prep.mask.sum(-1).to(acc)
 
-    Args:
-        pred_labels: predicted class per voxel ``(B, *spatial)``, values in [0, num_classes).
-        target_labels: true class per voxel, same shape; values in [0, num_classes) or ``ignore_index``.
-        num_classes: number of classes C.
-        ignore_index: voxels whose target equals it are left out of all three counts.
-        names: the two arguments' names in range errors (a caller's own names, e.g. ``("y_pred", "y")``).
 
-    Returns:
-        :class:`DiceTerms` of int64 (B, C) counts: true positives, predicted voxels, true voxels per class.
-
-    Examples:
-        >>> import torch
-        >>> from monai_gdl_plus.functional import label_terms
-        >>> pred = torch.tensor([[0, 1, 1, 2]])  # (B=1, N=4)
-        >>> true = torch.tensor([[0, 1, 255, 2]])  # the third voxel is unlabelled
-        >>> label_terms(pred, true, num_classes=3, ignore_index=255)
-        DiceTerms(intersection=tensor([[1, 1, 1]]), pred_sum=tensor([[1, 1, 1]]), target_sum=tensor([[1, 1, 1]]))
-    """
-    pred_labels, target_labels = plain_tensor(pred_labels), plain_tensor(target_labels)
-    if pred_labels.shape != target_labels.shape:
-        raise ValueError(
-            f"`pred_labels` and `target_labels` must have the same shape, got {tuple(pred_labels.shape)} "
-            f"and {tuple(target_labels.shape)}."
-        )
-    b = pred_labels.shape[0]
-    p = pred_labels.reshape(b, -1).long()
-    t = target_labels.reshape(b, -1).long()
-    valid = None if ignore_index is None else t != ignore_index
-    check_label_range(t, num_classes, ignore_index, name=names[1], valid=valid)
-    check_label_range(p, num_classes, name=names[0])  # an out-of-range prediction would land in a wrong bin
-    # one confusion count per sample: bin (b, t, p); ignored voxels go to one extra bin at the end
-    c = num_classes
-    bins = b * c * c
-    # (b * C + t) * C + p, written with add(alpha=): int64 multiplies are not vectorised on x86 CPUs (8x slower)
-    idx = torch.add(p, t, alpha=c)
-    idx += torch.arange(0, bins, c * c, device=t.device)[:, None]
-    if valid is not None:
-        idx = torch.where(valid, idx, bins)
-    idx = idx.reshape(-1)
-    if _on_host(idx.device) and not torch.compiler.is_compiling():
-        counts = torch.bincount(idx, minlength=bins + 1)
-    else:  # bincount sizes its output from the data (a host sync on GPUs); a fixed-size scatter does not
-        counts = torch.zeros(bins + 1, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
-    conf = counts[:bins].view(b, c, c)  # [sample, true class, predicted class]
-    return DiceTerms(conf.diagonal(dim1=1, dim2=2), conf.sum(1), conf.sum(2))
+def _focal_parts(sums: torch.Tensor, count: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> _Mean:
+    """The focal term as MONAI's ``FocalLoss`` reduces it: ``"mean"`` over every (sample, class, counted voxel);
+    ``"sum"`` the sum of the per-(sample, class) means over voxels. ``weight`` multiplies each class."""
+    if weight is not None:
+        sums = sums * weight.to(sums)
+    if reduction == "sum":  # per-sample means: their sum is what processes add up
+        return _Mean((sums / count[:, None].clamp_min(1.0)).sum(), count.sum())
+    return _Mean(sums.sum(), (count.sum() * sums.shape[1]).clamp_min(1.0))
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# step 3: combine
+# step 4: combine; step 5: reduce
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -697,11 +895,6 @@ def generalized_dice_from_terms(
     return torch.where(empty, fp / (fp + 1.0), f)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# step 4: reduction, cross entropy, static weights
-# --------------------------------------------------------------------------------------------------------------------
-
-
 def reduce_loss(f: torch.Tensor, reduction: str) -> torch.Tensor:
     """``"mean"`` / ``"sum"`` over every element, ``"none"`` returns ``f`` unchanged."""
     if reduction == "mean":
@@ -714,12 +907,8 @@ def reduce_loss(f: torch.Tensor, reduction: str) -> torch.Tensor:
 def _split_weight(
     weight: torch.Tensor | None, num_classes: int, include_background: bool, keep: tuple[int, ...]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Static weights for the Dice sums (one per kept channel) and for the CE term (one per class).
-
-    Lengths follow MONAI: C (DiceCELoss: CE uses all, Dice drops the first without background) or, without
-    background, C - 1 (DiceLoss: one per non-background class; CE then gives the background weight 1). A scalar
-    applies to every class. Lengths count classes before an in-range ``ignore_index`` channel is dropped.
-    """
+    """Static weights for the Dice sums (one per kept channel) and the CE term (one per class): see
+    :func:`class_weights` for the lengths accepted."""
     if weight is None:
         return None, None
     if weight.ndim == 0:
@@ -735,256 +924,6 @@ def _split_weight(
             f"include_background={include_background}), got length {weight.shape[0]}."
         )
     return _take_channels(full, keep, 0), full
-
-
-def cross_entropy_term(
-    input: torch.Tensor,
-    prep: Prepared,
-    *,
-    sigmoid: bool,
-    ignore_index: int | None,
-    class_weight: torch.Tensor | None,
-    label_smoothing: float,
-    reduction: str,
-) -> torch.Tensor:
-    """Cross entropy (softmax) or per-channel BCE-with-logits (sigmoid, or one channel) on the logits ``input``.
-
-    Ignored voxels are left out; ``class_weight`` is CE's ``weight`` or BCE's ``pos_weight``.
-    """
-    return _cross_entropy_parts(input, prep, sigmoid, class_weight, label_smoothing).value(reduction)
-
-
-class _Mean(NamedTuple):
-    """A per-voxel term as a sum and its mean's denominator (both sums, so that processes can add them up)."""
-
-    num: torch.Tensor
-    den: torch.Tensor
-
-    def value(self, reduction: str) -> torch.Tensor:
-        return self.num if reduction == "sum" else self.num / self.den
-
-
-def _cross_entropy_parts(
-    input: torch.Tensor, prep: Prepared, sigmoid: bool, class_weight: torch.Tensor | None, label_smoothing: float
-) -> _Mean:
-    x = plain_tensor(input)
-    x = x.float() if x.dtype in _LOW_PRECISION else x
-    b, num_ch = x.shape[:2]
-    x = x.reshape(b, num_ch, -1)
-    w = None if class_weight is None else class_weight.to(x)
-    if sigmoid or num_ch == 1:
-        return _bce_parts(x, prep, w)
-    if prep.labels is not None:
-        return _Mean(_label_map_ce(x, prep.labels, prep.mask, w, label_smoothing).sum(), _ce_count(prep, w))
-    target = _dense(prep)
-    ce = F.cross_entropy(x, target, weight=w, label_smoothing=label_smoothing, reduction="none")
-    if prep.mask is None:  # probability targets: the mean is over voxels, whatever the weights
-        return _Mean(ce.sum(), _as_count(ce.numel(), ce))
-    return _Mean((ce * prep.mask).sum(), prep.mask.sum().clamp_min(1.0))
-
-
-def _as_count(n: int, like: torch.Tensor) -> torch.Tensor:
-    """``n`` as a 0-d tensor on ``like``'s device, by a fill (no host-to-device copy per step)."""
-    return torch.full((), float(n), dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
-
-
-def _label_map_ce(
-    x: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, w: torch.Tensor | None, label_smoothing: float
-) -> torch.Tensor:
-    """Per-voxel softmax cross entropy (B, N) of logits (B, C, N) against labels (B, N), as
-    ``F.cross_entropy(..., reduction="none")`` with ``weight`` and ``label_smoothing``, masked.
-
-    Written as a log-softmax gather rather than ``F.cross_entropy``: its ``nll_loss`` has no deterministic CUDA
-    kernel, so ``torch.use_deterministic_algorithms(True)`` would make it raise there.
-    """
-    logp = torch.log_softmax(x, 1)
-    nll = logp.gather(1, labels[:, None]).squeeze(1).neg()
-    if w is not None:
-        nll = nll * w[labels]
-    if label_smoothing > 0:
-        smooth = (logp if w is None else logp * w[:, None]).sum(1).neg()
-        nll = (1.0 - label_smoothing) * nll + (label_smoothing / x.shape[1]) * smooth
-    return nll if mask is None else nll * mask
-
-
-def _ce_count(prep: Prepared, weight: torch.Tensor | None) -> torch.Tensor:
-    """Denominator of a mean CE over a label map: the summed class weights of the counted voxels (as torch)."""
-    if prep.labels is None:
-        raise ValueError("_ce_count needs a label-map target.")
-    if weight is None and prep.mask is None:
-        return _as_count(prep.labels.numel(), prep.probs)
-    acc = torch.promote_types(prep.probs.dtype, torch.float32)
-    if weight is None:
-        assert prep.mask is not None  # neither weight nor mask returned above
-        wt = prep.mask.to(acc)
-    else:
-        wt = weight.to(acc)[prep.labels]
-    if weight is not None and prep.mask is not None:
-        wt = wt * prep.mask
-    return wt.sum().clamp_min(torch.finfo(acc).tiny)
-
-
-def _bce_parts(x: torch.Tensor, prep: Prepared, pos_weight: torch.Tensor | None) -> _Mean:
-    """Per-channel BCE-with-logits ``pw*g*softplus(-x) + (1-g)*softplus(x)``; a label map is gathered, not one-hot."""
-    pw = None if pos_weight is None else pos_weight.reshape(-1, 1) if pos_weight.ndim else pos_weight
-    if prep.labels is not None:
-        labels = prep.labels[:, None]
-        x_true = x.gather(1, labels).squeeze(1)
-        pw_true = 1.0 if pw is None else pw.reshape(-1)[prep.labels] if pw.ndim else pw
-        per_voxel = F.softplus(x).sum(1) + pw_true * F.softplus(-x_true) - F.softplus(x_true)
-    else:
-        loss = F.binary_cross_entropy_with_logits(x, _dense(prep), pos_weight=pw, reduction="none")
-        per_voxel = loss.sum(1)
-    num_ch = x.shape[1]
-    if prep.mask is not None:
-        return _Mean((per_voxel * prep.mask).sum(), (prep.mask.sum() * num_ch).clamp_min(1.0))
-    return _Mean(per_voxel.sum(), _as_count(per_voxel.numel() * num_ch, per_voxel))
-
-
-def focal_sums(
-    input: torch.Tensor, prep: Prepared, *, gamma: float = 2.0, alpha: float | None = None, softmax: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Focal loss (Lin et al. 2017) of logits ``input`` summed per (sample, class) over the counted voxels, and the
-    number of counted voxels per sample, in MONAI ``FocalLoss``'s forms.
-
-    Sigmoid form (default; MONAI's ``DiceFocalLoss`` uses it whatever the Dice activation): per element
-    ``(1 - p_t)**gamma * BCE(x, t)`` with ``p = sigmoid(x)``, times ``alpha t + (1 - alpha)(1 - t)``. Softmax form:
-    ``-(1 - p_y)**gamma log p_y`` on the true class only, times ``1 - alpha`` (background) or ``alpha``. A label map
-    is never one-hot encoded: the sums over the negatives of every channel get a per-voxel correction at the true
-    class, added by a class histogram.
-
-    Returns:
-        (B, C) sums and (B,) counts, float32 or wider.
-    """
-    x = plain_tensor(input)
-    x = x.float() if x.dtype in _LOW_PRECISION else x
-    b, c = x.shape[:2]
-    x = x.reshape(b, c, -1)
-    m = prep.mask
-    count = _voxel_counts(x, m)
-    focal = Focal(2 if softmax else 1, gamma, alpha)
-    if softmax:
-        logp = torch.log_softmax(x, 1)
-        if prep.labels is not None:
-            lp = logp.gather(1, prep.labels[:, None]).squeeze(1)
-            per_voxel = _softmax_focal(lp, prep.labels, focal)
-            per_voxel = per_voxel if m is None else per_voxel * m
-            return class_sums(per_voxel, prep.labels, c).to(x.dtype), count
-        per_element = -((1.0 - logp.exp()) ** gamma) * logp * _dense(prep)
-        if alpha is not None:
-            per_element = per_element * torch.tensor([1.0 - alpha] + [alpha] * (c - 1), dtype=x.dtype).to(x)[:, None]
-    elif prep.labels is not None:
-        negatives = _sigmoid_focal(x, False, focal)
-        negatives = negatives.sum(-1) if m is None else (negatives * m[:, None]).sum(-1)
-        xt = x.gather(1, prep.labels[:, None]).squeeze(1)
-        fix = _sigmoid_focal(xt, True, focal) - _sigmoid_focal(xt, False, focal)
-        fix = fix if m is None else fix * m
-        return negatives + class_sums(fix, prep.labels, c).to(x.dtype), count
-    else:
-        t = _dense(prep).to(x.dtype)
-        bce = F.softplus(x) - x * t
-        per_element = torch.exp(gamma * F.logsigmoid(-x * (2.0 * t - 1.0))) * bce
-        if alpha is not None:
-            per_element = per_element * (t * alpha + (1.0 - t) * (1.0 - alpha))
-    return (per_element if m is None else per_element * m[:, None]).sum(-1), count
-
-
-def _voxel_counts(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Counted voxels per sample (B,), float32 or wider."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    if mask is None:
-        return torch.full((x.shape[0],), x[0, 0].numel(), dtype=acc, device=x.device)
-    return mask.sum(-1).to(acc)
-
-
-def focal_from_sums(
-    sums: torch.Tensor, count: torch.Tensor, weight: torch.Tensor | None, reduction: str
-) -> torch.Tensor:
-    """The focal term from :func:`focal_sums` of the kept classes, as MONAI's ``FocalLoss`` reduces it: ``"mean"``
-    over every (sample, class, counted voxel); ``"sum"`` of the per-(sample, class) means over voxels. ``weight``
-    multiplies each class."""
-    return _focal_parts(sums, count, weight, reduction).value(reduction)
-
-
-def _focal_parts(sums: torch.Tensor, count: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> _Mean:
-    if weight is not None:
-        sums = sums * weight.to(sums)
-    if reduction == "sum":  # per-sample means: their sum is what processes add up
-        return _Mean((sums / count[:, None].clamp_min(1.0)).sum(), count.sum())
-    return _Mean(sums.sum(), (count.sum() * sums.shape[1]).clamp_min(1.0))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# the two losses as functions
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _loss_parts(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    o: DiceOptions,
-    focal_weight: torch.Tensor | None = None,
-) -> tuple[DiceTerms, torch.Tensor, torch.Tensor | None, list[tuple[float, _Mean]]]:
-    """Kept-channel terms, true volumes, static Dice weights and the per-voxel terms as ``(lambda, sum and
-    denominator)`` pairs (CE, focal; none without them). The focal term's class weights are ``weight``'s unless
-    ``focal_weight`` is given.
-
-    A label map with a softmax or sigmoid takes the fused one-hot-free path (:mod:`monai_gdl_plus._fused`, analytic
-    in-place backward; a custom op under ``torch.compile``); everything else the plain autograd path.
-    """
-    x = plain_tensor(input)
-    prep = _prepare_target(
-        x, target, include_background=o.include_background, to_onehot_y=o.to_onehot_y,
-        soft_label=o.soft_label, ignore_index=o.ignore_index, validate=o.validate,
-    )  # fmt: skip
-    num_ch = x.shape[1]
-    dice_w, ce_w = _split_weight(weight, num_ch, o.include_background, prep.keep)
-    if focal_weight is None:
-        focal_w = dice_w
-    else:
-        focal_w = _split_weight(focal_weight, num_ch, o.include_background, prep.keep)[0]
-    if num_ch - (0 if o.include_background or num_ch == 1 else 1) == 1:
-        dice_w = None  # as MONAI: no class weight on the Dice term when a single class is scored
-    softmax = o.softmax and num_ch > 1
-    if o.softmax and num_ch == 1:
-        warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
-    want_ce = o.lambda_ce > 0
-    ce = focal_sum = None
-    focal_alpha = o.focal_alpha
-    if o.focal_softmax and focal_alpha is not None and not o.include_background and num_ch > 1:
-        warnings.warn("`include_background=False`, scalar `alpha` ignored when using softmax.", stacklevel=3)
-        focal_alpha = None  # as MONAI's FocalLoss(use_softmax=True)
-    if prep.labels is not None and (softmax or o.sigmoid) and _FUSED_LABEL_PATH:
-        fuse_ce = want_ce and softmax and o.label_smoothing == 0
-        fuse_focal = o.lambda_focal > 0 and (softmax or not o.focal_softmax)
-        focal = Focal((2 if o.focal_softmax else 1) if fuse_focal else 0, o.gamma, focal_alpha)
-        acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 logits: weights and sums in float32
-        ce_wx = None if ce_w is None else ce_w.to(device=x.device, dtype=acc)
-        inter, psum, tsum, nll, fsum = fused_label_terms(
-            prep.probs, prep.labels, prep.mask, softmax=softmax, squared=o.squared_pred, ce_weight=ce_wx,
-            with_ce=fuse_ce, focal=focal,
-        )  # fmt: skip
-        if fuse_ce:
-            ce = _Mean(nll, _ce_count(prep, ce_wx))
-        if fuse_focal:
-            focal_sum = fsum
-        terms, vol = _select(DiceTerms(inter, psum, tsum), tsum, prep.keep)
-    else:
-        probs = activate(x, o.sigmoid, softmax, o.other_act)
-        prep = prep._replace(probs=probs.reshape(prep.probs.shape))
-        terms, vol = _terms_and_volumes(prep, o.squared_pred, o.soft_label)
-    if want_ce and ce is None:
-        ce = _cross_entropy_parts(x, prep, o.sigmoid, ce_w, o.label_smoothing)
-    extras = [] if ce is None else [(o.lambda_ce, ce)]
-    if o.lambda_focal > 0:
-        if focal_sum is None:
-            focal_sum, count = focal_sums(x, prep, gamma=o.gamma, alpha=focal_alpha, softmax=o.focal_softmax)
-        else:
-            count = _voxel_counts(x, prep.mask)
-        extras.append((o.lambda_focal, _focal_parts(_take_channels(focal_sum, prep.keep, 1), count, focal_w,
-                                                    o.reduction)))  # fmt: skip
-    return terms, vol, dice_w, extras
 
 
 def _take_channels(t: torch.Tensor, keep: tuple[int, ...], dim: int) -> torch.Tensor:
@@ -1035,6 +974,94 @@ def _sync(
     return DiceTerms(*out[:c]), out[c], synced
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# the metric's hard counts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def label_terms(
+    pred_labels: torch.Tensor,
+    target_labels: torch.Tensor,
+    num_classes: int,
+    ignore_index: int | None = None,
+    *,
+    names: tuple[str, str] = ("pred_labels", "target_labels"),
+) -> DiceTerms:
+    """Hard per-class counts from two integer label maps, without one-hot tensors (the metric's core).
+
+    Args:
+        pred_labels: predicted class per voxel ``(B, *spatial)``, values in [0, num_classes).
+        target_labels: true class per voxel, same shape; values in [0, num_classes) or ``ignore_index``.
+        num_classes: number of classes C.
+        ignore_index: voxels whose target equals it are left out of all three counts.
+        names: the two arguments' names in range errors (a caller's own names, e.g. ``("y_pred", "y")``).
+
+    Returns:
+        :class:`DiceTerms` of int64 (B, C) counts: true positives, predicted voxels, true voxels per class.
+
+    Examples:
+        >>> import torch
+        >>> from monai_gdl_plus.functional import label_terms
+        >>> pred = torch.tensor([[0, 1, 1, 2]])  # (B=1, N=4)
+        >>> true = torch.tensor([[0, 1, 255, 2]])  # the third voxel is unlabelled
+        >>> label_terms(pred, true, num_classes=3, ignore_index=255)
+        DiceTerms(intersection=tensor([[1, 1, 1]]), pred_sum=tensor([[1, 1, 1]]), target_sum=tensor([[1, 1, 1]]))
+    """
+    pred_labels, target_labels = plain_tensor(pred_labels), plain_tensor(target_labels)
+    if pred_labels.shape != target_labels.shape:
+        raise ValueError(
+            f"`pred_labels` and `target_labels` must have the same shape, got {tuple(pred_labels.shape)} "
+            f"and {tuple(target_labels.shape)}."
+        )
+    b = pred_labels.shape[0]
+    p = pred_labels.reshape(b, -1).long()
+    t = target_labels.reshape(b, -1).long()
+    valid = None if ignore_index is None else t != ignore_index
+    check_label_range(t, num_classes, ignore_index, name=names[1], valid=valid)
+    check_label_range(p, num_classes, name=names[0])  # an out-of-range prediction would land in a wrong bin
+    # one confusion count per sample: bin (b, t, p); ignored voxels go to one extra bin at the end
+    c = num_classes
+    bins = b * c * c
+    # (b * C + t) * C + p, written with add(alpha=): int64 multiplies are not vectorised on x86 CPUs (8x slower)
+    idx = torch.add(p, t, alpha=c)
+    idx += torch.arange(0, bins, c * c, device=t.device)[:, None]
+    if valid is not None:
+        idx = torch.where(valid, idx, bins)
+    idx = idx.reshape(-1)
+    if on_host(idx.device) and not torch.compiler.is_compiling():
+        counts = torch.bincount(idx, minlength=bins + 1)
+    else:  # bincount sizes its output from the data (a host sync on GPUs); a fixed-size scatter does not
+        counts = torch.zeros(bins + 1, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+    conf = counts[:bins].view(b, c, c)  # [sample, true class, predicted class]
+    return DiceTerms(conf.diagonal(dim1=1, dim2=2), conf.sum(1), conf.sum(2))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the two losses as functions
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _batch_terms(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    o: DiceOptions,
+    weight: torch.Tensor | None,
+    focal_weight: torch.Tensor | None = None,
+) -> tuple[DiceTerms, torch.Tensor, Weights, list[tuple[float, _Mean]]]:
+    """Steps 1-3 and the batch/sync block both losses share: the terms, volumes, class weights and extra terms,
+    summed over the batch (``batch``) and over every process (``sync_batch``)."""
+    prep = prepare(input, target, o)
+    weights = class_weights(prep, o, weight, focal_weight)
+    terms = per_class_terms(prep, o, weights)
+    extras = extra_terms(prep, terms, o, weights)
+    dice, vol = terms.dice, terms.volumes
+    if o.batch:
+        dice, vol = DiceTerms(*(t.sum(0) for t in dice)), vol.sum(0)
+    if o.sync_batch:
+        dice, vol, extras = _sync(dice, vol, extras)
+    return dice, vol, weights, extras
+
+
 def dice_plus_loss(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -1066,17 +1093,13 @@ def dice_plus_loss(
     """
     o = _options(DiceOptions, options, kwargs)
     with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to
-        terms, vol, dice_w, extras = _loss_parts(input, target, _weight(weight), o)
-        if o.batch:
-            terms, vol = DiceTerms(*(t.sum(0) for t in terms)), vol.sum(0)
-        if o.sync_batch:
-            terms, vol, extras = _sync(terms, vol, extras)
+        terms, _, weights, extras = _batch_terms(input, target, o, _weight(weight))
         if o.tversky is not None:
             f = tversky_from_terms(terms, *o.tversky, smooth_nr=o.smooth_nr, smooth_dr=o.smooth_dr)
         else:
             f = dice_from_terms(terms, o.smooth_nr, o.smooth_dr, o.jaccard)
-        if dice_w is not None:
-            f = f * dice_w.to(f)
+        if weights.dice is not None:
+            f = f * weights.dice.to(f)
         return _combine(reduce_loss(f, o.reduction), extras, o)
 
 
@@ -1118,13 +1141,9 @@ def generalized_dice_plus_loss(
     """
     o = _options(GeneralizedDiceOptions, options, kwargs)
     with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to
-        terms, vol, dice_w, extras = _loss_parts(input, target, _weight(weight), o, _weight(focal_weight))
-        if o.batch:
-            terms, vol = DiceTerms(*(t.sum(0) for t in terms)), vol.sum(0)
-        if o.sync_batch:
-            terms, vol, extras = _sync(terms, vol, extras)
+        terms, vol, weights, extras = _batch_terms(input, target, o, _weight(weight), _weight(focal_weight))
         f = generalized_dice_from_terms(
-            terms, vol, w_type=o.w_type, absent_weight=o.absent_weight, static_weight=dice_w,
+            terms, vol, w_type=o.w_type, absent_weight=o.absent_weight, static_weight=weights.dice,
             normalize_weights=o.normalize_weights, smooth_nr=o.smooth_nr, smooth_dr=o.smooth_dr, jaccard=o.jaccard,
             tversky=o.tversky,
         )  # fmt: skip

@@ -18,16 +18,17 @@ from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-from monai_gdl_plus._fused import autocast_off
+from monai_gdl_plus._ops import autocast_off
 from monai_gdl_plus.functional import (
+    check_binary,
     check_integer_labels,
-    check_label_range,
-    check_option,
     dense_ignore_mask,
+    label_map,
     label_terms,
-    per_class_terms,
     plain_tensor,
+    soft_terms,
 )
+from monai_gdl_plus.options import check_option
 
 __all__ = ["PerClassDice", "ACTIVATIONS", "AGGREGATIONS"]
 
@@ -399,25 +400,15 @@ class PerClassDice(Metric):
         x = y_pred.float() if y_pred.dtype in (torch.float16, torch.bfloat16) else y_pred
         pred = (torch.sigmoid(x) >= self.threshold).to(dtype)
         ii = self.ignore_index
-        mask = None
         if true_kind == "dense" or c == 1:
-            # one channel: any layout of y is the binary mask of that channel
-            target = y.reshape(b, c, -1)
-            target = target.to(dtype) if target.dtype != dtype else target
+            # one channel: any layout of y is the binary mask of that channel (the losses' rules for dense targets)
+            target = y.reshape(b, c, -1).to(dtype)
             mask = dense_ignore_mask(target, ii)
-            counted = target if mask is None else target * mask[:, None]  # ignored voxels may hold any label
-            if target.device.type == "cpu" and not bool(((counted == 0) | (counted == 1)).all()):
-                raise ValueError("`y` must be binary (0/1 per channel) for activation='sigmoid', got other values.")
+            check_binary(target, mask, name="y", why=" per channel for activation='sigmoid'")
+            terms, _ = soft_terms(pred, target=target, mask=mask)
         else:
-            check_integer_labels(y, "y")
-            labels = y.reshape(b, -1).long()
-            valid = None if ii is None else labels != ii
-            check_label_range(labels, c, ii, name="y", valid=valid)
-            if valid is not None:
-                labels = torch.where(valid, labels, torch.zeros_like(labels))
-                mask = valid
-            target = labels
-        terms = per_class_terms(pred.reshape(b, c, -1), target, mask=mask)
+            labels, mask = label_map(y, c, ii, name="y")
+            terms, _ = soft_terms(pred, labels=labels, mask=mask)
         return tuple(t.round().to(torch.long) for t in terms)  # type: ignore[return-value]
 
     def _accumulate(self, tp: torch.Tensor, psum: torch.Tensor, tsum: torch.Tensor) -> None:

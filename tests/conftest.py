@@ -23,7 +23,7 @@ def _make_case(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch
 def forbid_host_syncs(monkeypatch) -> None:
     """Make every call that would wait for an accelerator raise: reading a tensor on the host, ``bincount``
     (sizes its output from the data), ``unique`` and ``nonzero`` (data-dependent shapes). Use with
-    ``fused._HOST_DEVICES`` emptied, so that CPU tensors take the accelerator code paths."""
+    ``_ops.HOST_DEVICES`` emptied, so that CPU tensors take the accelerator code paths."""
 
     def sync(*args, **kwargs):
         raise AssertionError("host sync in accelerator mode")

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss, functional
+from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss, _ops
 from monai_gdl_plus import _fused as fused
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -18,7 +18,7 @@ LOSSES = {"dice": DicePlusLoss, "gdl": GeneralizedDicePlusLoss}
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 64 elements on CPU, so that a few-voxel volume spans several chunks."""
-    monkeypatch.setitem(fused._CHUNK_ELEMENTS, "cpu", 64)
+    monkeypatch.setitem(_ops.CHUNK_ELEMENTS, "cpu", 64)
 
 
 def _value_and_grad(loss, x, y, plain: bool, monkeypatch=None):
@@ -26,7 +26,7 @@ def _value_and_grad(loss, x, y, plain: bool, monkeypatch=None):
     x = x.detach().clone().requires_grad_(True)
     with monkeypatch.context() as m:
         if plain:
-            m.setattr(functional, "_FUSED_LABEL_PATH", False)
+            m.setattr(_ops, "FUSED_ROUTE", False)
         value = loss(x, y)
     value.backward()
     return value.detach(), x.grad
@@ -53,7 +53,7 @@ def test_fused_equals_plain_autograd(
     """Values and gradients of both paths agree to float64 rounding, over chunk boundaries, for every flag; also
     with what accelerators run (``as_accelerator``: the max-shifted softmax and blocked class sums)."""
     if as_accelerator:
-        monkeypatch.setattr(fused, "_HOST_DEVICES", set())
+        monkeypatch.setattr(_ops, "HOST_DEVICES", set())
     g = torch.Generator().manual_seed(1)
     x = 3.0 * torch.randn(2, 5, 4, 3, 3, generator=g, dtype=torch.float64)
     y = torch.randint(0, 5, (2, 1, 4, 3, 3), generator=g)
@@ -120,8 +120,8 @@ def test_fused_function_gradcheck_with_mask_and_class_weights():
     mask = (torch.rand(2, 7, generator=g) > 0.3).double()
     w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     gi, gp, gf = (torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(3))
-    focals = [fused.Focal(), fused.Focal(1, 1.5, 0.3), fused.Focal(1, 0.0), fused.Focal(2, 2.0, 0.25),
-              fused.Focal(2, 0.5)]  # fmt: skip
+    focals = [_ops.Focal(), _ops.Focal(1, 1.5, 0.3), _ops.Focal(1, 0.0), _ops.Focal(2, 2.0, 0.25),
+              _ops.Focal(2, 0.5)]  # fmt: skip
     for softmax, squared, focal in itertools.product([True, False], [False, True], focals):
         if focal.kind == 2 and not softmax:
             continue
@@ -144,24 +144,24 @@ def test_class_sums_equal_a_one_hot_reference_on_every_route(monkeypatch):
     values = torch.rand(3, 10000, generator=g)
     onehot = torch.nn.functional.one_hot(labels, 6).double()  # (B, N, C)
     expected = (values.double()[..., None] * onehot).sum(1)
-    plain = fused.class_sums(values, labels, 6)
-    graded = fused.class_sums(values.clone().requires_grad_(True), labels, 6)
-    blocked = fused.class_sums(values, labels, 6, blocked=True)
+    plain = _ops.class_sums(values, labels, 6)
+    graded = _ops.class_sums(values.clone().requires_grad_(True), labels, 6)
+    blocked = _ops.class_sums(values, labels, 6, blocked=True)
     assert plain.dtype == torch.float64 and graded.requires_grad
     for got in (plain, graded.detach()):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(blocked, expected, rtol=1e-6, atol=0)  # float32 partial sums of 4096 voxels
-    counts = fused.class_sums(None, labels, 6)
+    counts = _ops.class_sums(None, labels, 6)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    traced = fused.class_sums(None, labels, 6)
-    for got in (counts, traced, fused.class_sums(None, labels, 6, blocked=True)):
+    traced = _ops.class_sums(None, labels, 6)
+    for got in (counts, traced, _ops.class_sums(None, labels, 6, blocked=True)):
         torch.testing.assert_close(got, onehot.sum(1), rtol=0, atol=0)
     # classes absent from a sample are zero, not cut off (minlength)
-    counts = fused.class_sums(None, torch.tensor([[0, 0, 1], [0, 0, 0]]), 4)
+    counts = _ops.class_sums(None, torch.tensor([[0, 0, 1], [0, 0, 0]]), 4)
     assert counts.tolist() == [[2.0, 1.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]]
 
 
-@pytest.mark.parametrize("n", [1, fused._BLOCK - 1, fused._BLOCK, 2 * fused._BLOCK, 2 * fused._BLOCK + 1])
+@pytest.mark.parametrize("n", [1, _ops.BLOCK - 1, _ops.BLOCK, 2 * _ops.BLOCK, 2 * _ops.BLOCK + 1])
 def test_blocked_class_sums_at_whole_and_ragged_block_counts(n):
     """The accelerators' blocked sums equal a dense one-hot sum whether the last block is whole or ragged: an
     off-by-one in the block index leaves ragged volumes right but sends the last voxel of a whole one past the
@@ -170,9 +170,9 @@ def test_blocked_class_sums_at_whole_and_ragged_block_counts(n):
     labels = torch.randint(0, 3, (2, n), generator=g)
     values = torch.rand(2, n, generator=g, dtype=torch.float64)
     onehot = torch.nn.functional.one_hot(labels, 3).double()
-    blocked = fused.class_sums(values, labels, 3, blocked=True)
+    blocked = _ops.class_sums(values, labels, 3, blocked=True)
     torch.testing.assert_close(blocked, (values[..., None] * onehot).sum(1), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(fused.class_sums(None, labels, 3, blocked=True), onehot.sum(1), rtol=0, atol=0)
+    torch.testing.assert_close(_ops.class_sums(None, labels, 3, blocked=True), onehot.sum(1), rtol=0, atol=0)
 
 
 def test_the_gradient_is_written_over_the_activation_buffer(monkeypatch):
@@ -223,8 +223,8 @@ def test_custom_op_passes_torch_library_opcheck(softmax, squared, with_ce, focal
 
 
 @pytest.mark.parametrize(
-    "softmax,squared,with_ce,focal", [(True, False, True, fused.Focal(2, 1.5, 0.3)), (True, True, True, fused.Focal()),
-                                      (False, False, False, fused.Focal(1, 2.0, 0.25))],
+    "softmax,squared,with_ce,focal", [(True, False, True, _ops.Focal(2, 1.5, 0.3)), (True, True, True, _ops.Focal()),
+                                      (False, False, False, _ops.Focal(1, 2.0, 0.25))],
 )  # fmt: skip
 def test_custom_op_equals_the_eager_function_and_passes_gradcheck(small_chunks, softmax, squared, with_ce, focal):
     """What a compiled loss runs (the op, whose backward recomputes the activation) equals the eager Function (whose

@@ -39,6 +39,8 @@ MUST_HAVE_EXAMPLES = [
     "monai_gdl_plus.functional.dice_plus_loss",
     "monai_gdl_plus.functional.generalized_dice_plus_loss",
     "monai_gdl_plus.functional.per_class_terms",
+    "monai_gdl_plus.functional.soft_terms",
+    "monai_gdl_plus.functional.prepare",
     "monai_gdl_plus.functional.label_terms",
     "monai_gdl_plus.options.DiceOptions",
     "monai_gdl_plus.options.GeneralizedDiceOptions",

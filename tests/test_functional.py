@@ -11,6 +11,7 @@ import torch
 
 from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss
 from monai_gdl_plus import functional as GF
+from monai_gdl_plus.options import DiceOptions
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -21,7 +22,7 @@ def _probs(case):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# per_class_terms
+# soft_terms (the plain route's sums) and per_class_terms (the route)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -41,13 +42,23 @@ def test_per_class_terms_match_reference(case, squared, target_form, masked):
     mask = None
     if masked:
         mask = (torch.rand(labels.shape, generator=torch.Generator().manual_seed(7)) > 0.3).double()
-    terms = GF.per_class_terms(p, target, squared=squared, mask=mask)
+    form = {"labels": target} if target_form.startswith("label") else {"target": target}
+    terms, volumes = GF.soft_terms(p, **form, squared=squared, mask=mask)
     m = torch.ones(b, 1, p[0, 0].numel(), dtype=p.dtype) if mask is None else mask.reshape(b, 1, -1)
     expected = R.terms(p.reshape(b, c, -1) * m, onehot.reshape(b, c, -1) * m, squared)
     assert isinstance(terms, GF.DiceTerms)
     for got, want in zip(terms, expected, strict=False):
         assert got.shape == (b, c)
         torch.testing.assert_close(got, want)
+    torch.testing.assert_close(volumes, expected[2])  # binary targets: sum(g**2) = sum(g)
+
+
+def test_soft_terms_need_exactly_one_target(case):
+    p, labels = _probs(case)
+    with pytest.raises(TypeError, match="exactly one of `labels` and `target`"):
+        GF.soft_terms(p)
+    with pytest.raises(TypeError, match="exactly one of `labels` and `target`"):
+        GF.soft_terms(p, labels=labels, target=p)
 
 
 def test_per_class_terms_soft_label_is_monai_soft_intersection(case):
@@ -55,7 +66,7 @@ def test_per_class_terms_soft_label_is_monai_soft_intersection(case):
     p, _ = _probs(case)
     b, c = p.shape[:2]
     g = torch.softmax(torch.randn(p.shape, generator=torch.Generator().manual_seed(8), dtype=p.dtype), 1)
-    terms = GF.per_class_terms(p, g, soft_label=True)
+    terms, _ = GF.soft_terms(p, target=g, soft_label=True)
     for i, k in itertools.product(range(b), range(c)):
         assert float(terms.intersection[i, k]) == pytest.approx(float(torch.minimum(p[i, k], g[i, k]).sum()))
         assert float(terms.pred_sum[i, k]) == pytest.approx(float(p[i, k].sum()))
@@ -65,8 +76,8 @@ def test_per_class_terms_soft_label_is_monai_soft_intersection(case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_per_class_terms_half_inputs_give_float32(case, dtype):
     p, labels = _probs(case)
-    terms = GF.per_class_terms(p.to(dtype), labels)
-    expected = GF.per_class_terms(p.to(dtype).float(), labels)
+    terms, _ = GF.soft_terms(p.to(dtype), labels=labels)
+    expected, _ = GF.soft_terms(p.to(dtype).float(), labels=labels)
     for got, want in zip(terms, expected, strict=False):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want)
@@ -77,7 +88,7 @@ def test_per_class_terms_gradient_matches_reference(case):
     c = x.shape[1]
 
     def ours(t):
-        terms = GF.per_class_terms(torch.softmax(t, 1), labels, squared=True)
+        terms, _ = GF.soft_terms(torch.softmax(t, 1), labels=labels, squared=True)
         return sum((k + 1) * term.sum() for k, term in enumerate(terms))
 
     def ref(t):
@@ -129,7 +140,7 @@ def _dice_loss_of(p, g, smooth=(0.0, 0.0), jaccard=False):
     """dice_from_terms of the terms of one class: prediction ``p`` and target ``g`` as flat lists, shape (1, 1)."""
     probs = torch.tensor(p, dtype=torch.float64).reshape(1, 1, -1)
     target = torch.tensor(g, dtype=torch.float64).reshape(1, 1, -1)
-    return GF.dice_from_terms(GF.per_class_terms(probs, target), *smooth, jaccard=jaccard)
+    return GF.dice_from_terms(GF.soft_terms(probs, target=target)[0], *smooth, jaccard=jaccard)
 
 
 def _binary_masks(seed, n=64):
@@ -250,12 +261,6 @@ def test_reduce_loss():
     assert GF.reduce_loss(f, "none") is f
 
 
-def test_check_option():
-    assert GF.check_option("w_type", "simple", GF.W_TYPES) == "simple"
-    with pytest.raises(ValueError, match=r"`w_type` must be one of .*'unifrm'.*did you mean 'uniform'"):
-        GF.check_option("w_type", "unifrm", GF.W_TYPES)
-
-
 @pytest.mark.parametrize(
     "include_background,ignore_index,keep", [(True, None, (0, 1, 2, 3)), (False, None, (1, 2, 3)),
                                              (False, 2, (1, 3)), (True, 255, (0, 1, 2, 3))]
@@ -264,11 +269,12 @@ def test_prepare_label_map(make_case, include_background, ignore_index, keep):
     x, labels = make_case((2, 4, 5, 5))
     labels = labels.clone()
     labels[0, 0, 0, :] = 255 if ignore_index == 255 else labels[0, 0, 0, :]
-    prep = GF.prepare(x, labels, include_background=include_background, to_onehot_y=True, softmax=True,
-                      ignore_index=ignore_index)  # fmt: skip
+    options = DiceOptions(include_background=include_background, to_onehot_y=True, softmax=True,
+                          ignore_index=ignore_index)  # fmt: skip
+    prep = GF.prepare(x, labels, options)
     assert prep.keep == keep
     assert prep.target is None and prep.labels.shape == (2, 25)
-    torch.testing.assert_close(prep.probs, torch.softmax(x, 1).reshape(2, 4, 25))
+    assert torch.equal(prep.logits, x.reshape(2, 4, 25))  # a view of the logits, not activated
     if ignore_index is None:
         assert prep.mask is None
     else:
@@ -370,7 +376,8 @@ def test_gdl_function_rejects_unknown_w_type():
 
 def test_blocked_class_sums_equal_the_sequential_scatter():
     """The accelerator histogram (per-block partial sums) equals the CPU float64 scatter-add."""
-    from monai_gdl_plus._fused import _BLOCK, class_sums
+    from monai_gdl_plus._ops import BLOCK as _BLOCK
+    from monai_gdl_plus._ops import class_sums
 
     torch.manual_seed(0)
     n = 3 * _BLOCK + 17  # a ragged last block

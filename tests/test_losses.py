@@ -32,9 +32,9 @@ from monai_gdl_plus import (
     GeneralizedDiceFocalPlusLoss,
     GeneralizedDicePlusLoss,
     TverskyPlusLoss,
+    _ops,
 )
-from monai_gdl_plus import _fused as fused
-from monai_gdl_plus.functional import per_class_terms
+from monai_gdl_plus.functional import soft_terms
 
 SHAPES = {"3d": (2, 4, 6, 6, 6), "2d": (2, 3, 8, 8)}
 ACTS = {"sigmoid": {"sigmoid": True}, "softmax": {"softmax": True}}
@@ -1064,9 +1064,9 @@ def test_label_values_outside_range(loss_cls, bad, ignore_index):
     "case", ["label 7", "label 7 ignore 255", "non-binary one-hot", "non-integer label map"]
 )  # fmt: skip
 def test_value_checks_in_accelerator_mode_are_device_assertions(monkeypatch, loss_cls, case):
-    """What a GPU runs, on CPU (``fused._HOST_DEVICES`` emptied): the value checks are asynchronous device assertions
+    """What a GPU runs, on CPU (``_ops.HOST_DEVICES`` emptied): the value checks are asynchronous device assertions
     (RuntimeError with the same message, no host sync), and ``validate=True`` makes them the readable ValueError."""
-    monkeypatch.setattr(fused, "_HOST_DEVICES", set())
+    monkeypatch.setattr(_ops, "HOST_DEVICES", set())
     x = torch.randn(2, 3, 4, 4)
     kw: dict = dict(to_onehot_y=True, softmax=True)
     if case.startswith("label 7"):
@@ -1380,7 +1380,7 @@ def test_deterministic_algorithms(monkeypatch, name, as_accelerator):
     """Under ``torch.use_deterministic_algorithms(True)``: no error, bit-identical repeats, and no op that has no
     deterministic CUDA kernel in forward or backward (checked on the ops the accelerator code paths call)."""
     if as_accelerator:
-        monkeypatch.setattr(fused, "_HOST_DEVICES", set())
+        monkeypatch.setattr(_ops, "HOST_DEVICES", set())
     loss_cls, kwargs = DETERMINISTIC_CASES[name]
     x, labels = _make_case(SHAPES["3d"], dtype=torch.float32)
     if kwargs.get("ignore_index") == 255:
@@ -1406,7 +1406,7 @@ def test_deterministic_algorithms(monkeypatch, name, as_accelerator):
     "dice focal ignore", "tversky focal softmax",
 ])  # fmt: skip
 def test_accelerator_mode_loss_has_no_host_sync_and_matches_host_mode(monkeypatch, name):
-    """What a GPU runs, on CPU (``fused._HOST_DEVICES`` emptied: the always-shifted softmax, blocked class sums,
+    """What a GPU runs, on CPU (``_ops.HOST_DEVICES`` emptied: the always-shifted softmax, blocked class sums,
     device assertions): forward and backward read nothing back on the host, and equal the host path."""
     loss_cls, kwargs = DETERMINISTIC_CASES[name]
     x, labels = _make_case(SHAPES["3d"], dtype=torch.float32)
@@ -1415,7 +1415,7 @@ def test_accelerator_mode_loss_has_no_host_sync_and_matches_host_mode(monkeypatc
     loss = loss_cls(**kwargs)
     expected = _value_and_grad(loss, x, y)
     with monkeypatch.context() as m:
-        m.setattr(fused, "_HOST_DEVICES", set())
+        m.setattr(_ops, "HOST_DEVICES", set())
         forbid_host_syncs(m)
         got = _value_and_grad(loss, x, y)
     torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-7)
@@ -1683,7 +1683,7 @@ def test_class_volume_counts_exactly_past_2_pow_24_voxels():
     labels = torch.zeros(1, 1, n, dtype=torch.long)
     labels[0, 0, :1000] = 1
     x = torch.zeros(1, 2, n)
-    terms = per_class_terms(torch.softmax(x, 1), labels)
+    terms, _ = soft_terms(torch.softmax(x, 1), labels=labels)
     assert float(terms.target_sum[0, 0]) == n - 1000
     value = DicePlusLoss(to_onehot_y=True, softmax=True, reduction="none")(x, labels)
     assert float(value.min()) >= 0.0

@@ -18,8 +18,7 @@ from monai.metrics import DiceMetric
 from torchmetrics.segmentation import DiceScore
 
 import monai_gdl_plus.metrics as metrics_module
-from monai_gdl_plus import PerClassDice
-from monai_gdl_plus import _fused as fused
+from monai_gdl_plus import PerClassDice, _ops
 
 NAN = float("nan")
 
@@ -357,7 +356,7 @@ def test_update_counts_with_autocast_off(monkeypatch, activation):
     """Inside an evaluator's ``torch.autocast`` the counting code runs with autocast off (float16 counts are exact
     only up to 2048). White-box: nothing it calls today is autocast-eligible, so no count shows the difference."""
     seen = []
-    for name in ("label_terms", "per_class_terms"):
+    for name in ("label_terms", "soft_terms"):
         real = getattr(metrics_module, name)
 
         def spy(*args, real=real, **kwargs):
@@ -458,7 +457,7 @@ def test_did_you_mean():
         (torch.zeros(1, 3, 2, 2), torch.full((1, 1, 2, 2), 0.5), {}, ValueError,
          r"`y` label map must hold integer class indices"),
         (torch.zeros(1, 3, 2, 2), torch.full((1, 3, 2, 2), 0.5), {"activation": "sigmoid"}, ValueError,
-         r"`y` must be binary \(0/1 per channel\)"),
+         r"`y` must be binary \(0/1\) per channel"),
         (torch.zeros(1, 3, 2, 2), torch.tensor([[[[0, 1], [4, 1]]]]), {"activation": "sigmoid"}, ValueError,
          r"`y` label values must lie in \[0, 3\), got \[4\]"),
         ([torch.zeros(3, 2, 2)] * 2, [torch.zeros(1, 2, 2)], {}, ValueError,
@@ -500,7 +499,7 @@ def test_cuda_update_has_no_host_sync_and_matches_cpu(kwargs):
 
 @pytest.mark.parametrize("kwargs", [{}, {"aggregation": "per_image"}, {"activation": "sigmoid"}, {"ignore_index": 255}])
 def test_accelerator_mode_update_has_no_host_sync_and_matches_host_mode(monkeypatch, kwargs):
-    """The CPU counterpart of the CUDA test: with ``fused._HOST_DEVICES`` empty, CPU tensors take the accelerator
+    """The CPU counterpart of the CUDA test: with ``_ops.HOST_DEVICES`` empty, CPU tensors take the accelerator
     code paths (scatter instead of bincount, asynchronous label checks); an update then reads nothing back on the
     host, and the values equal those of host mode."""
     batches = make_batches(2, 2, 4, (12, 10, 8), seed=13)
@@ -512,7 +511,7 @@ def test_accelerator_mode_update_has_no_host_sync_and_matches_host_mode(monkeypa
     expected = host.compute()
     accelerated = PerClassDice(4, **kwargs)
     with monkeypatch.context() as m:
-        m.setattr(fused, "_HOST_DEVICES", set())
+        m.setattr(_ops, "HOST_DEVICES", set())
         forbid_host_syncs(m)
         for b in batches:
             accelerated.update(b)
@@ -529,12 +528,15 @@ def test_accelerator_mode_update_has_no_host_sync_and_matches_host_mode(monkeypa
          r"`y_pred` label values must lie in \[0, 3\)\."),
         ({"activation": "sigmoid"}, torch.zeros(1, 3, 2, 2), torch.tensor([[[[0, 1], [4, 1]]]]),
          r"`y` label values must lie in \[0, 3\)\."),
+        # a non-binary one-hot target: on a GPU the check used to be skipped (it ran on CPU tensors only)
+        ({"activation": "sigmoid"}, torch.zeros(1, 3, 2, 2), torch.full((1, 3, 2, 2), 0.5),
+         r"`y` must be binary \(0/1\) per channel"),
     ],
 )  # fmt: skip
 def test_accelerator_mode_bad_label_raises_from_the_device_check(monkeypatch, kwargs, y_pred, y, match):
     """Accelerator mode: a label out of range is caught by the asynchronous device assertion (on CPU it raises
     at once, a RuntimeError with the message) before it can index out of bounds; nothing is accumulated."""
-    monkeypatch.setattr(fused, "_HOST_DEVICES", set())
+    monkeypatch.setattr(_ops, "HOST_DEVICES", set())
     metric = PerClassDice(3, **kwargs)
     with pytest.raises(RuntimeError, match=match):
         metric.update((y_pred, y))

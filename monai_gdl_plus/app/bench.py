@@ -65,7 +65,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from monai_gdl_plus.functional import check_option
+from monai_gdl_plus.options import check_option
 
 __all__ = [
     "ALLOCATORS",

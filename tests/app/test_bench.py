@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_gdl_plus import _fused as fused
+from monai_gdl_plus import _ops
 from monai_gdl_plus.app import bench
 
 TINY = (1, 3, 8, 8, 8)
@@ -461,14 +461,14 @@ def test_cuda_rows_hold_time_and_memory():
 
 
 def test_accelerator_code_paths_give_ok_rows_on_cpu(monkeypatch, in_process):
-    """The CPU counterpart of the CUDA rows: with ``fused._HOST_DEVICES`` empty our losses run what they run on an
+    """The CPU counterpart of the CUDA rows: with ``_ops.HOST_DEVICES`` empty our losses run what they run on an
     accelerator (blocked class sums, always-shifted softmax, asynchronous checks); every row is measured, and our
     losses still agree with MONAI's (the harness would time a wrong loss as readily as a right one)."""
     monkeypatch.setattr(bench, "measure_floor", lambda device, nbytes: {"bandwidth_gbs": 10.0, "exp_ns": 1.0})
     monkeypatch.setattr(bench, "_FLOOR_CACHE", {})
-    monkeypatch.setattr(fused, "_HOST_DEVICES", set())
+    monkeypatch.setattr(_ops, "HOST_DEVICES", set())
     shape = (2, 3, 16, 16, 20)  # 5120 voxels per sample: two blocks of class sums, the last one ragged
-    assert math.prod(shape[2:]) > fused._BLOCK
+    assert math.prod(shape[2:]) > _ops.BLOCK
     rows = bench.benchmark([shape], rounds=1, warmup=1, memory=False, losses=PAIRS, allocators="default")
     for r in rows:
         assert r["status"] == "ok", r
