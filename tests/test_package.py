@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -64,9 +65,49 @@ def test_all_lists_exactly_the_public_names(name):
     assert not [n for n in defined if n not in exported]
 
 
-def test_the_private_fused_internals_are_not_exported():
+def _is_module(dotted: str) -> bool:
+    try:
+        return importlib.util.find_spec(dotted) is not None
+    except (ModuleNotFoundError, AttributeError):  # a name inside a module that is not a package
+        return False
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Private names (a leading underscore) that the module at ``path`` takes from another module of the package:
+    ``from monai_gdl_plus.x import _name`` and ``x._name`` on an imported package module. A private *module*
+    (``from monai_gdl_plus import _ops``) is a module's own business; its names are what counts."""
+    tree = ast.parse(path.read_text())
+    modules, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("monai_gdl_plus"):
+            for alias in node.names:
+                if _is_module(f"{node.module}.{alias.name}"):
+                    modules.add(alias.asname or alias.name)
+                elif alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{node.module}.{alias.name}")
+        elif isinstance(node, ast.Import):
+            modules.update(a.asname or a.name for a in node.names if a.name.startswith("monai_gdl_plus"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+            if node.attr.startswith("_") and not node.attr.startswith("__"):
+                found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize("path", sorted([*PACKAGE.glob("*.py"), *(PACKAGE / "app").glob("*.py")]), ids=lambda p: p.name)
+def test_no_module_takes_a_private_name_from_another(path):
+    assert _private_uses(path) == []
+
+
+def test_the_private_check_sees_a_private_import(tmp_path):
+    planted = tmp_path / "m.py"
+    planted.write_text("from monai_gdl_plus._ops import _class_alpha\nfrom monai_gdl_plus import _ops\n"
+                       "_ops._DEFAULT_CHUNK\n")
+    assert _private_uses(planted) == ["monai_gdl_plus._ops._class_alpha", "_ops._DEFAULT_CHUNK"]
+
+
+def test_nothing_private_is_exported():
     assert not [n for n in monai_gdl_plus.__all__ if n.startswith("_") and n != "__version__"]
-    assert "_fused" not in dir(monai_gdl_plus) or "_fused" not in monai_gdl_plus.__all__
 
 
 def test_version_is_single_sourced():

@@ -83,7 +83,9 @@ def test_rows_hold_finite_times_and_consistent_ratios(tiny_rows):
         assert r["shape"] == "1x3x8x8x8"
         assert r["logits_mb"] == pytest.approx(math.prod(TINY) * 4 / bench.MB)
         assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0
-        assert math.isfinite(r["floor_ms"]) and r["floor_ms"] > 0
+        # the time floor: the logits read once and their gradient written once, at the bandwidth measured
+        assert r["bandwidth_gbs"] > 0
+        assert r["floor_ms"] == pytest.approx(2 * r["logits_mb"] * bench.MB / (r["bandwidth_gbs"] * 1e9) * 1e3)
         assert r["time_vs_floor"] == pytest.approx(r["median_ms"] / r["floor_ms"])
         assert math.isnan(r["peak_mb"]) and math.isnan(r["mem_vs_monai"])  # memory=False
         assert r["memory_status"] == "not measured"
@@ -446,6 +448,16 @@ def test_measure_floor_is_positive():
     floor = bench.measure_floor(nbytes=4 * 2**20, repeats=2)
     assert floor["bandwidth_gbs"] > 0 and math.isfinite(floor["bandwidth_gbs"])
     assert floor["exp_ns"] > 0 and math.isfinite(floor["exp_ns"])
+
+
+def test_measure_floor_arithmetic(monkeypatch):
+    """With a timer that says 1 ms per copy and 2 ms per exp pass of 2**20 floats: bytes read + written per second,
+    and nanoseconds per element, exactly (a floor 10x off, or read-only bytes, fails here)."""
+    times = iter([1e-3, 2e-3])
+    monkeypatch.setattr(bench, "_median_time", lambda fn, device, repeats: next(times))
+    floor = bench.measure_floor(nbytes=4 * 2**20, repeats=1)
+    assert floor["bandwidth_gbs"] == pytest.approx(2 * 4 * 2**20 / 1e-3 / 1e9)
+    assert floor["exp_ns"] == pytest.approx(2e-3 / 2**20 * 1e9)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

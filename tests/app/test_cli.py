@@ -84,13 +84,30 @@ def test_version(capsys):
     assert __version__ in capsys.readouterr().out
 
 
-def test_every_variant_builds_a_loss():
+def _promised(name: str) -> tuple[str, dict]:
+    """What a variant's name promises: the loss class and its options (``[monai-]base[-w_type][-squared][+ce]``)."""
+    base, _, extra = name.partition("+")
+    parts = base.split("-")
+    if parts[0] == "monai":
+        cls = {"dice": "DiceLoss", "gdl": "GeneralizedDiceLoss"}[parts[1]]
+        return ("DiceCELoss" if extra == "ce" else cls), {}
+    options = {"lambda_ce": 1.0 if extra == "ce" else 0.0, "squared_pred": parts[-1] == "squared",
+               "to_onehot_y": True, "softmax": True, "include_background": True}  # fmt: skip
+    if parts[0] == "gdl":
+        return "GeneralizedDicePlusLoss", {**options, "w_type": parts[1]}
+    return "DicePlusLoss", options
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_builds_the_loss_its_name_promises(name):
     from monai.bundle import ConfigParser
 
+    loss = ConfigParser({"loss": {**cli.LOSS_BASE, **VARIANTS[name]}}).get_parsed_content("loss")
+    cls, options = _promised(name)
+    assert type(loss).__name__ == cls
+    assert {k: getattr(loss, k) for k in options} == options
     logits, labels = torch.randn(1, 4, 8, 8, 8), torch.randint(0, 4, (1, 1, 8, 8, 8))
-    for name, spec in VARIANTS.items():
-        loss = ConfigParser({"loss": {**cli.LOSS_BASE, **spec}}).get_parsed_content("loss")
-        assert torch.isfinite(loss(logits, labels)), name
+    assert torch.isfinite(loss(logits, labels))
 
 
 # ------------------------------------------------------------------------------------------------ bad input
