@@ -65,6 +65,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from monai_gdl_plus.app.common import check_int, fmt
 from monai_gdl_plus.options import check_option
 
 __all__ = [
@@ -294,14 +295,6 @@ def _resolve_allocators(allocators: Iterable[str] | None, device: str) -> list[s
             f"{device!r}; use 'default' there, got {names!r}."
         )
     return [a for a in ALLOCATORS if a in names]
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
@@ -672,9 +665,9 @@ def benchmark(
     shape_list = [parse_shape(s) for s in shapes]
     if not shape_list:
         raise ValueError("`shapes` must hold at least one shape B,C,*spatial, got none.")
-    _check_int("rounds", rounds, 1)
-    _check_int("warmup", warmup, 0)
-    _check_int("threads", threads, 1)
+    check_int("rounds", rounds, 1)
+    check_int("warmup", warmup, 0)
+    check_int("threads", threads, 1)
     device = check_option("device", device, DEVICES)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("`device` is 'cuda' but torch.cuda.is_available() is False here.")
@@ -849,10 +842,6 @@ def _bench_shape(
 # ---------------------------------------------------------------------------------------------------- output
 
 
-def _fmt(value: float, spec: str, suffix: str = "") -> str:
-    return "-" if not isinstance(value, (int, float)) or not math.isfinite(value) else f"{value:{spec}}{suffix}"
-
-
 _COLUMNS = (
     ("loss", "label", None, "<"),
     ("shape", "shape", None, "<"),
@@ -885,7 +874,7 @@ def format_table(rows: Sequence[dict]) -> str:
         The table as one string (no trailing newline).
     """
     ok = [r for r in rows if r["status"] == "ok"]
-    cells = {id(r): [r[k] if spec is None else _fmt(r[k], spec) for _, k, spec, _a in _COLUMNS] for r in ok}
+    cells = {id(r): [r[k] if spec is None else fmt(r[k], spec) for _, k, spec, _a in _COLUMNS] for r in ok}
     header = [h for h, *_ in _COLUMNS]
     widths = [max([len(header[i])] + [len(c[i]) for c in cells.values()]) for i in range(len(_COLUMNS))]
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monai_gdl_plus.app.common import fmt
 from monai_gdl_plus.app.distributed import end_process_group, release_process_group
 
 __all__ = [
@@ -184,7 +185,7 @@ def _size(text: str) -> int:
 
 
 def _fmt(x: float | None) -> str:
-    return "  n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+    return fmt(x, ".3f", missing="  n/a")
 
 
 @contextlib.contextmanager
