@@ -10,6 +10,7 @@ from monai_gdl_plus.losses import (
     DicePlusLoss,
     GeneralizedDiceFocalPlusLoss,
     GeneralizedDicePlusLoss,
+    MaskedDicePlusLoss,
     TverskyPlusLoss,
 )
 from monai_gdl_plus.metrics import PerClassDice
@@ -22,6 +23,7 @@ __all__ = [
     "DicePlusLoss",
     "GeneralizedDiceFocalPlusLoss",
     "GeneralizedDicePlusLoss",
+    "MaskedDicePlusLoss",
     "PerClassDice",
     "PerClassDiceLogger",
     "TverskyPlusLoss",

@@ -327,7 +327,9 @@ def dense_ignore_mask(target: torch.Tensor, ignore_index: int | None) -> torch.T
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def prepare(input: torch.Tensor, target: torch.Tensor, options: DiceOptions) -> Prepared:
+def prepare(
+    input: torch.Tensor, target: torch.Tensor, options: DiceOptions, mask: torch.Tensor | None = None
+) -> Prepared:
     """Step 1: the logits as (B, C, N), the target's layout, the ignore mask and the kept channels, checked.
 
     Args:
@@ -336,6 +338,8 @@ def prepare(input: torch.Tensor, target: torch.Tensor, options: DiceOptions) -> 
             (never materialised as one-hot).
         options: what the loss was built with (``to_onehot_y``, ``include_background``, ``ignore_index``,
             ``soft_label``, ``validate`` matter here).
+        mask: a binary region ``(B, 1, *spatial)`` or ``(1, 1, *spatial)``
+            (:class:`~monai_gdl_plus.MaskedDicePlusLoss`); voxels where it is 0 join the ignored ones.
 
     Raises:
         ValueError: shapes that do not match, label values outside [0, C) other than ``ignore_index``, a non-binary
@@ -350,7 +354,7 @@ def prepare(input: torch.Tensor, target: torch.Tensor, options: DiceOptions) -> 
         >>> prep.logits.shape, prep.labels, prep.mask, prep.keep
         (torch.Size([1, 3, 4]), tensor([[0, 1, 2, 0]]), tensor([[1., 1., 1., 0.]]), (1, 2))
     """
-    x, target, o = plain_tensor(input), plain_tensor(target), options
+    x, target, o, region = plain_tensor(input), plain_tensor(target), options, mask
     _check_shapes(x, target)
     if o.validate and checks_enabled(x) and not bool(torch.isfinite(x).all()):
         raise ValueError("`input` contains NaN or Inf values (found by `validate=True`).")
@@ -365,8 +369,25 @@ def prepare(input: torch.Tensor, target: torch.Tensor, options: DiceOptions) -> 
         mask = dense_ignore_mask(dense, o.ignore_index)
         if not o.soft_label:
             check_binary(dense, mask, why=" unless `soft_label=True`", validate=o.validate)
+    if region is not None:
+        region = _region(region, x, o.validate)
+        mask = region if mask is None else mask * region
     keep = _kept_channels(num_ch, o.include_background, o.ignore_index)
     return Prepared(x.reshape(b, num_ch, -1), labels, dense, None if mask is None else mask.to(acc), keep)
+
+
+def _region(mask: torch.Tensor, x: torch.Tensor, validate: bool) -> torch.Tensor:
+    """A (B, 1, *spatial) or (1, 1, *spatial) binary mask as (B, N) float32, checked."""
+    m = plain_tensor(mask)
+    b = x.shape[0]
+    if m.ndim != x.ndim or m.shape[1] != 1 or m.shape[0] not in (1, b) or m.shape[2:] != x.shape[2:]:
+        raise ValueError(
+            f"`mask` must have shape (B, 1, *spatial) or (1, 1, *spatial) matching `input`: got mask shape "
+            f"{tuple(m.shape)} and input shape {tuple(x.shape)}."
+        )
+    m = m.reshape(m.shape[0], 1, -1).to(torch.float32)
+    check_binary(m, name="mask", validate=validate)
+    return m[:, 0].expand(b, -1).contiguous()
 
 
 def _is_label_map(x: torch.Tensor, target: torch.Tensor, to_onehot_y: bool) -> bool:
@@ -1047,10 +1068,11 @@ def _batch_terms(
     o: DiceOptions,
     weight: torch.Tensor | None,
     focal_weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[DiceTerms, torch.Tensor, Weights, list[tuple[float, _Mean]]]:
     """Steps 1-3 and the batch/sync block both losses share: the terms, volumes, class weights and extra terms,
     summed over the batch (``batch``) and over every process (``sync_batch``)."""
-    prep = prepare(input, target, o)
+    prep = prepare(input, target, o, mask)
     weights = class_weights(prep, o, weight, focal_weight)
     terms = per_class_terms(prep, o, weights)
     extras = extra_terms(prep, terms, o, weights)
@@ -1068,6 +1090,7 @@ def dice_plus_loss(
     options: DiceOptions | None = None,
     *,
     weight: Sequence[float] | float | torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """Dice, Jaccard or Tversky loss, optionally plus cross entropy; see :class:`monai_gdl_plus.DicePlusLoss`.
@@ -1076,6 +1099,7 @@ def dice_plus_loss(
         input, target: as the module's ``forward``.
         options: a :class:`~monai_gdl_plus.options.DiceOptions`; or leave it None and give its fields as keywords.
         weight: static class weights (see the module).
+        mask: a binary region (see :class:`~monai_gdl_plus.MaskedDicePlusLoss`), or None.
 
     Returns:
         a scalar for ``"mean"``/``"sum"``; for ``"none"`` per-class values (B, C') or (C',) with ``batch=True``.
@@ -1093,7 +1117,7 @@ def dice_plus_loss(
     """
     o = _options(DiceOptions, options, kwargs)
     with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to
-        terms, _, weights, extras = _batch_terms(input, target, o, _weight(weight))
+        terms, _, weights, extras = _batch_terms(input, target, o, _weight(weight), mask=mask)
         if o.tversky is not None:
             f = tversky_from_terms(terms, *o.tversky, smooth_nr=o.smooth_nr, smooth_dr=o.smooth_dr)
         else:

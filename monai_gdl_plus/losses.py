@@ -25,6 +25,7 @@ __all__ = [
     "DicePlusLoss",
     "GeneralizedDiceFocalPlusLoss",
     "GeneralizedDicePlusLoss",
+    "MaskedDicePlusLoss",
     "TverskyPlusLoss",
 ]
 
@@ -284,6 +285,39 @@ class DiceFocalPlusLoss(DicePlusLoss):
     def _to_options(cls, values: dict[str, Any]) -> dict[str, Any]:
         values["focal_alpha"] = values.pop("alpha")
         return values
+
+
+class MaskedDicePlusLoss(DicePlusLoss):
+    """Dice loss over a region, a drop-in for ``monai.losses.MaskedDiceLoss``: :class:`DicePlusLoss` whose
+    ``forward`` takes a binary ``mask`` (B, 1, *spatial) or (1, 1, *spatial); voxels where it is 0 leave every sum
+    (prediction, target, CE and focal terms), after the activation, exactly as ``ignore_index`` leaves voxels out.
+    ``mask=None`` is :class:`DicePlusLoss`. A label map stays one-hot-free (the mask joins the ignore mask).
+
+    Equals MONAI's value and gradient for one-hot targets and for label maps without background. **Departure:** with
+    a label map, ``to_onehot_y=True`` and background included, MONAI multiplies the label map by the mask, so masked
+    voxels become class-0 targets with zero prediction and inflate the background's volume; here they are left out,
+    which is what MONAI computes for the same target given as one-hot.
+
+    Examples:
+        >>> import torch
+        >>> from monai.losses import MaskedDiceLoss
+        >>> from monai_gdl_plus import MaskedDicePlusLoss
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(2, 3, 8, 8, 8, generator=gen)
+        >>> y = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=gen)
+        >>> mask = (torch.rand(2, 1, 8, 8, 8, generator=gen) > 0.3).float()
+        >>> ours = MaskedDicePlusLoss(to_onehot_y=True, softmax=True, include_background=False)
+        >>> theirs = MaskedDiceLoss(to_onehot_y=True, softmax=True, include_background=False)
+        >>> torch.allclose(ours(x, y, mask), theirs(x, y, mask))
+        True
+    """
+
+    positional = (*_DICE_ORDER, "squared_pred", "jaccard", "reduction", "smooth_nr", "smooth_dr", "batch", "weight",
+                  "soft_label")  # fmt: skip
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss of ``input`` against ``target`` over the voxels where ``mask`` is 1 (all of them for None)."""
+        return GF.dice_plus_loss(input, target, self.options, weight=self.class_weight, mask=mask)
 
 
 class GeneralizedDicePlusLoss(_DiceFamilyLoss):

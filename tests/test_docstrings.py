@@ -32,6 +32,7 @@ MUST_HAVE_EXAMPLES = [
     "monai_gdl_plus.DiceCEPlusLoss",
     "monai_gdl_plus.DiceFocalPlusLoss",
     "monai_gdl_plus.TverskyPlusLoss",
+    "monai_gdl_plus.MaskedDicePlusLoss",
     "monai_gdl_plus.GeneralizedDicePlusLoss",
     "monai_gdl_plus.GeneralizedDiceFocalPlusLoss",
     "monai_gdl_plus.PerClassDice",

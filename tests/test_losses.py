@@ -31,6 +31,7 @@ from monai_gdl_plus import (
     DicePlusLoss,
     GeneralizedDiceFocalPlusLoss,
     GeneralizedDicePlusLoss,
+    MaskedDicePlusLoss,
     TverskyPlusLoss,
     _ops,
 )
@@ -495,12 +496,13 @@ FAMILY = [
     (GeneralizedDicePlusLoss, ML.GeneralizedDiceLoss),
     (GeneralizedDiceFocalPlusLoss, ML.GeneralizedDiceFocalLoss),
     (TverskyPlusLoss, ML.TverskyLoss),
+    (MaskedDicePlusLoss, ML.MaskedDiceLoss),
 ]
 
 
 # positional arguments MONAI appended after 1.4 (soft_label in 1.5, ignore_index in 1.6); our presets take them always
 _ADDED_SINCE_MONAI_1_4 = {"DiceLoss": ("soft_label", "ignore_index"), "GeneralizedDiceLoss": ("soft_label",),
-                          "TverskyLoss": ("soft_label", "ignore_index")}  # fmt: skip
+                          "TverskyLoss": ("soft_label", "ignore_index"), "MaskedDiceLoss": ("soft_label",)}  # fmt: skip
 
 
 @pytest.mark.parametrize("ours,theirs", FAMILY, ids=lambda c: c.__name__)
@@ -1694,3 +1696,101 @@ def test_no_class_left_is_a_clear_error():
     y = torch.randint(0, 2, (1, 1, 4, 4))
     with pytest.raises(ValueError, match="no class left to score.*include_background=False.*ignore_index"):
         DicePlusLoss(to_onehot_y=True, softmax=True, include_background=False, ignore_index=1)(x, y)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# MaskedDicePlusLoss: a region mask joins the ignore mask
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _masked_case(mask_batch: int = 2):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (2, 1, 6, 6, 6), generator=g)
+    mask = (torch.rand(mask_batch, 1, 6, 6, 6, generator=g) > 0.3).double()
+    onehot = torch.nn.functional.one_hot(y[:, 0], 3).permute(0, 4, 1, 2, 3).double()
+    return x, y, onehot, mask
+
+
+def _masked_value_and_grad(loss, x, *args):
+    x = x.clone().requires_grad_(True)
+    value = loss(x, *args)
+    (grad,) = torch.autograd.grad(value, x)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("mask_batch", [2, 1])
+@pytest.mark.parametrize("act", ["softmax", "sigmoid"])
+@pytest.mark.parametrize(
+    "kw", [{}, {"squared_pred": True}, {"jaccard": True}, {"batch": True}, {"reduction": "sum"}],
+    ids=["plain", "squared", "jaccard", "batch", "sum"],
+)  # fmt: skip
+@pytest.mark.parametrize("include_background,label_map", [(True, False), (False, False), (False, True)])
+def test_masked_dice_equals_monai(mask_batch, act, kw, include_background, label_map):
+    """MONAI's MaskedDiceLoss, value and gradient, for one-hot targets and label maps without background."""
+    x, y, onehot, mask = _masked_case(mask_batch)
+    args = dict(include_background=include_background, to_onehot_y=label_map, **{act: True}, **kw)
+    target = y if label_map else onehot
+    ours = _masked_value_and_grad(MaskedDicePlusLoss(**args), x, target, mask)
+    theirs = _masked_value_and_grad(ML.MaskedDiceLoss(**args), x, target, mask)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_masked_dice_departure_with_a_label_map_and_background():
+    """MONAI multiplies the label map by the mask (masked voxels become background targets); ours leaves them out,
+    which is MONAI's own value for the same target as one-hot."""
+    x, y, onehot, mask = _masked_case()
+    ours = MaskedDicePlusLoss(to_onehot_y=True, softmax=True)(x, y, mask)
+    monai_onehot = ML.MaskedDiceLoss(softmax=True)(x, onehot, mask)
+    monai_labels = ML.MaskedDiceLoss(to_onehot_y=True, softmax=True)(x, y, mask)
+    torch.testing.assert_close(ours, monai_onehot)
+    assert abs(float(ours - monai_labels)) > 1e-3
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused route", "plain route"])
+@pytest.mark.parametrize("kw", [{"lambda_ce": 1.0}, {"lambda_focal": 1.0, "ignore_index": 255}], ids=["ce", "focal"])
+def test_masked_voxels_leave_every_sum(monkeypatch, fused, kw):
+    """Logits under the mask's zeros change nothing and get no gradient, the CE/focal terms included; the mask
+    behaves exactly as ignored labels do."""
+    monkeypatch.setattr(_ops, "FUSED_ROUTE", fused)
+    x, y, _, mask = _masked_case()
+    loss = MaskedDicePlusLoss(to_onehot_y=True, softmax=True, include_background=False, **kw)
+    value, grad = _masked_value_and_grad(loss, x, y, mask)
+    moved = torch.where(mask.bool(), x, x + 5.0 * torch.randn_like(x))
+    torch.testing.assert_close(_masked_value_and_grad(loss, moved, y, mask)[0], value)
+    assert float(grad.masked_select(~mask.bool().expand_as(grad)).abs().max()) == 0.0
+    ignored = torch.where(mask.bool(), y, 255)
+    as_ignored = MaskedDicePlusLoss(to_onehot_y=True, softmax=True, include_background=False,
+                                    **{**kw, "ignore_index": 255})(x, ignored)  # fmt: skip
+    torch.testing.assert_close(as_ignored, value)
+
+
+def test_masked_dice_without_a_mask_is_dice_plus():
+    x, y, _, _ = _masked_case()
+    args = dict(to_onehot_y=True, softmax=True, lambda_ce=1.0)
+    assert torch.equal(MaskedDicePlusLoss(**args)(x, y), DicePlusLoss(**args)(x, y))
+
+
+@pytest.mark.parametrize(
+    "mask,match",
+    [(torch.ones(2, 6, 6, 6), r"`mask` must have shape .*mask shape \(2, 6, 6, 6\) and input shape \(2, 3, 6, 6, 6\)"),
+     (torch.ones(3, 1, 6, 6, 6), r"got mask shape \(3, 1, 6, 6, 6\)"),
+     (torch.ones(2, 2, 6, 6, 6), r"got mask shape \(2, 2, 6, 6, 6\)"),
+     (torch.full((2, 1, 6, 6, 6), 0.5), r"`mask` must be binary \(0/1\)")],
+)  # fmt: skip
+def test_masked_dice_bad_mask(mask, match):
+    x, y, _, _ = _masked_case()
+    with pytest.raises(ValueError, match=match):
+        MaskedDicePlusLoss(to_onehot_y=True, softmax=True)(x, y, mask)
+
+
+@pytest.mark.slow
+def test_masked_dice_compiles_without_graph_breaks_and_keeps_the_custom_op():
+    x, y, _, mask = _masked_case()
+    x = x.float()
+    loss = MaskedDicePlusLoss(to_onehot_y=True, softmax=True, lambda_ce=1.0)
+    explained = torch._dynamo.explain(loss)(x, y, mask.float())
+    assert explained.graph_break_count == 0
+    compiled = torch.compile(loss, fullgraph=True)
+    torch.testing.assert_close(compiled(x, y, mask.float()), loss(x, y, mask.float()), rtol=1e-6, atol=1e-6)
