@@ -16,7 +16,12 @@ import monai_gdl_plus
 
 PACKAGE = Path(monai_gdl_plus.__file__).resolve().parent
 LIBRARY_MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
-APP_MODULES = sorted(p.stem for p in (PACKAGE / "app").glob("*.py") if p.stem != "__init__")
+# the application's modules below monai_gdl_plus.app, subpackages included ("bench", "bench.registry", ...)
+APP_MODULES = sorted(
+    ".".join(p.relative_to(PACKAGE / "app").with_suffix("").parts).removesuffix(".__init__")
+    for p in (PACKAGE / "app").rglob("*.py")
+    if p.name != "__init__.py" or p.parent != PACKAGE / "app"
+)
 
 
 def _loaded_after(statement: str) -> set[str]:
