@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from monai_gdl_plus.app.common import check_int
+
 __all__ = [
     "BundleData",
     "DatasetError",
@@ -42,15 +44,6 @@ class DatasetError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ synthetic data
-
-
-def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}.")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"`{name}` must be {bound}, got {value}.")
-    return int(value)
 
 
 def _spatial_size(size: int | Sequence[int]) -> tuple[int, int, int]:
@@ -107,8 +100,8 @@ def make_synthetic(
         ValueError: a size, count or fraction out of range.
         TypeError: a count that is not an int.
     """
-    num_samples = _check_int("num_samples", num_samples, 1)
-    num_classes = _check_int("num_classes", num_classes, 2, MAX_SYNTHETIC_CLASSES)
+    num_samples = check_int("num_samples", num_samples, 1)
+    num_classes = check_int("num_classes", num_classes, 2, MAX_SYNTHETIC_CLASSES)
     shape = _spatial_size(size)
     if not 0.0 < float(rare_fraction) < 0.05:
         raise ValueError(f"`rare_fraction` must be in (0, 0.05), got {rare_fraction!r}.")
@@ -147,7 +140,7 @@ def make_synthetic(
 
 def synthetic_class_names(num_classes: int) -> tuple[str, ...]:
     """Names of :func:`make_synthetic`'s classes: background, organ, structure2.., lesion (the rare last class)."""
-    num_classes = _check_int("num_classes", num_classes, 2, MAX_SYNTHETIC_CLASSES)
+    num_classes = check_int("num_classes", num_classes, 2, MAX_SYNTHETIC_CLASSES)
     middle = (("organ",) if num_classes > 2 else ()) + tuple(f"structure{k}" for k in range(2, num_classes - 1))
     return ("background",) + middle + ("lesion",)
 
