@@ -21,8 +21,10 @@ PACKAGE = Path(monai_gdl_plus.__file__).resolve().parent
 LIBRARY_MODULES = ["monai_gdl_plus"] + sorted(
     f"monai_gdl_plus.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")
 )
-APP_MODULES = ["monai_gdl_plus.app"] + sorted(
-    f"monai_gdl_plus.app.{p.stem}" for p in (PACKAGE / "app").glob("*.py") if p.stem != "__init__"
+APP_MODULES = ["monai_gdl_plus.app"] + sorted(  # subpackages included (monai_gdl_plus.app.bench.registry, ...)
+    "monai_gdl_plus.app." + ".".join(p.relative_to(PACKAGE / "app").with_suffix("").parts).removesuffix(".__init__")
+    for p in (PACKAGE / "app").rglob("*.py")
+    if p.name != "__init__.py" or p.parent != PACKAGE / "app"
 )
 OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
@@ -58,7 +60,7 @@ def test_modules_found():
     for name in ("monai_gdl_plus.losses", "monai_gdl_plus.functional", "monai_gdl_plus.options",
                  "monai_gdl_plus.metrics", "monai_gdl_plus.handlers"):  # fmt: skip
         assert name in LIBRARY_MODULES
-    for name in ("monai_gdl_plus.app.cli", "monai_gdl_plus.app.bench"):
+    for name in ("monai_gdl_plus.app.cli", "monai_gdl_plus.app.bench", "monai_gdl_plus.app.bench.registry"):
         assert name in APP_MODULES
 
 

@@ -31,52 +31,33 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monai_gdl_plus.app.common import fmt
-from monai_gdl_plus.app.distributed import end_process_group, release_process_group
+from monai_gdl_plus.app.common import format_number
+from monai_gdl_plus.app.distributed import end_process_group
+from monai_gdl_plus.app.training import (
+    CONFIG_PATH,
+    DEFAULT_BATCH,
+    DEFAULT_LR,
+    DEFAULT_SAMPLES,
+    DEFAULT_SIZE,
+    VARIANTS,
+    RunResult,
+    is_rank0,
+    train_bundle,
+)  # fmt: skip
 
-__all__ = [
-    "CONFIG_PATH", "META_PATH", "MULTI_GPU_PATH", "VARIANTS", "RunResult", "build_parser", "main", "train_bundle",
-]  # fmt: skip
+__all__ = ["DEFAULT_COMPARE", "DEFAULT_VARIANT", "build_parser", "main"]
 
-CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "train.yaml"
-MULTI_GPU_PATH = Path(__file__).resolve().parent / "configs" / "multi_gpu_train.yaml"
-META_PATH = Path(__file__).resolve().parent / "configs" / "metadata.json"
-
-# loss variants: each replaces the bundle's whole `loss` item with LOSS_BASE plus its own arguments
-_OURS_DICE, _OURS_GDL = "monai_gdl_plus.DicePlusLoss", "monai_gdl_plus.GeneralizedDicePlusLoss"
-LOSS_BASE: dict[str, Any] = {"include_background": True, "to_onehot_y": True, "softmax": True, "batch": False}
-VARIANTS: dict[str, dict[str, Any]] = {
-    "dice": {"_target_": _OURS_DICE},
-    "dice+ce": {"_target_": _OURS_DICE, "lambda_ce": 1.0},
-    "dice-squared": {"_target_": _OURS_DICE, "squared_pred": True},
-    "gdl-square": {"_target_": _OURS_GDL, "w_type": "square"},
-    "gdl-simple": {"_target_": _OURS_GDL, "w_type": "simple"},
-    "gdl-uniform": {"_target_": _OURS_GDL, "w_type": "uniform"},
-    "gdl-square-squared": {"_target_": _OURS_GDL, "w_type": "square", "squared_pred": True},
-    "gdl-square+ce": {"_target_": _OURS_GDL, "w_type": "square", "lambda_ce": 1.0},
-    "gdl-simple+ce": {"_target_": _OURS_GDL, "w_type": "simple", "lambda_ce": 1.0},
-    "monai-dice": {"_target_": "monai.losses.DiceLoss"},
-    "monai-gdl": {"_target_": "monai.losses.GeneralizedDiceLoss"},
-    "monai-dice+ce": {"_target_": "monai.losses.DiceCELoss"},
-}
 DEFAULT_VARIANT = "gdl-square+ce"  # the bundle's own loss
 DEFAULT_COMPARE = ("dice", "dice+ce", "gdl-square", "gdl-square+ce")
 DEVICES = ("auto", "cpu", "cuda")
 
-# demo defaults, sized for about two minutes on 2 CPU cores (compare: about as long per variant)
+# demo defaults, sized for about two minutes on 2 CPU cores (compare: about as long per variant); the sizes of
+# the data and the training: monai_gdl_plus.app.training
 DEFAULT_EPOCHS = 20
 DEFAULT_COMPARE_EPOCHS = 20
-DEFAULT_SAMPLES = 16
-DEFAULT_SIZE = 32
-DEFAULT_BATCH = 2
-DEFAULT_LR = 0.01
-
-# the bundle's StatsHandler / PerClassDiceLogger loggers: the CLI prints its own lines and tables instead
-_QUIET_LOGGERS = ("train_stats", "val_stats", "per_class_dice")
 
 
 class _CLIError(Exception):
@@ -184,10 +165,6 @@ def _size(text: str) -> int:
     return value
 
 
-def _fmt(x: float | None) -> str:
-    return fmt(x, ".3f", missing="  n/a")
-
-
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
     """Keep the terminal for the progress bar and tables: library INFO logs and warnings are hidden."""
@@ -204,180 +181,6 @@ def _quiet_libraries() -> Iterator[None]:
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
-
-
-# ------------------------------------------------------------------------------------------------ training
-
-
-@dataclass
-class RunResult:
-    """One training run of the bundle."""
-
-    variant: str
-    out_dir: Path
-    class_names: list[str]
-    reported: list[str]
-    rare: str
-    shares: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def final(self) -> dict[str, float]:
-        """Per-class Dice of the last validation (``{"organ": 0.9, ..., "mean": 0.6}``)."""
-        return self.history[-1] if self.history else {}
-
-
-def _class_shares(data: Any, decathlon: Any) -> dict[str, float]:
-    """Share of labelled voxels per class: all synthetic volumes, or the Decathlon training labels."""
-    import numpy as np
-
-    if decathlon is not None:
-        counts = np.asarray(decathlon.class_voxels or [0] * len(data.class_names), dtype=np.float64)
-    else:
-        counts = np.zeros(data.num_classes, dtype=np.float64)
-        for item in list(data.train) + list(data.val):
-            counts += np.bincount(np.asarray(item["label"]).ravel(), minlength=data.num_classes)[: data.num_classes]
-    total = counts.sum()
-    shares = zip(data.class_names, counts, strict=True)
-    return {name: (float(c / total) if total else float("nan")) for name, c in shares}
-
-
-def train_bundle(
-    *,
-    variant: str,
-    out_dir: Path,
-    epochs: int,
-    device: str,
-    data_dir: str | None = None,
-    decathlon: Any = None,
-    num_samples: int = DEFAULT_SAMPLES,
-    size: int = DEFAULT_SIZE,
-    batch_size: int = DEFAULT_BATCH,
-    learning_rate: float = DEFAULT_LR,
-    seed: int = 0,
-    progress: bool = True,
-    echo: bool = True,
-    quiet_errors: bool = False,
-    distributed: bool = False,
-) -> RunResult:
-    """Train the shipped bundle once with one loss variant, through MONAI's ``ConfigWorkflow``.
-
-    Args:
-        variant: a key of :data:`VARIANTS`.
-        out_dir: the run folder (``output_dir`` of the bundle).
-        epochs: training epochs (one validation after each).
-        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        data_dir: a Decathlon folder, already checked, or None for synthetic volumes.
-        decathlon: the :class:`~monai_gdl_plus.app.data.DecathlonDataset` of ``data_dir`` (class voxel counts).
-        num_samples: synthetic volumes (training and validation together).
-        size: edge of the synthetic volumes and of the training patches.
-        batch_size: training batch size.
-        learning_rate: Adam's learning rate.
-        seed: seed of the data, the split, the network initialisation and the shuffling.
-        progress: show a progress bar (tqdm).
-        echo: print one line of per-class Dice after each validation.
-        quiet_errors: keep tracebacks of a failure out of the bundle's and engines' logs (the CLI reports it).
-        distributed: this process is one rank of a torchrun launch (``torch.distributed`` environment set): the
-            bundle runs with ``multi_gpu_train.yaml`` (DDP, distributed samplers, ``sync_batch``, files from rank 0
-            only); ``device`` ``"cpu"`` keeps every rank on the CPU, ``"cuda"`` gives each rank its
-            ``LOCAL_RANK``'s GPU. The process group is left initialised (for the next run of ``compare``).
-            Only rank 0 shows a progress bar and echoes.
-
-    Returns:
-        A :class:`RunResult` with the per-class Dice history.
-    """
-    from ignite.engine import Events
-    from monai.bundle import ConfigWorkflow
-
-    overrides: dict[str, Any] = {
-        "output_dir": str(out_dir),
-        "epochs": epochs,
-        "device": f"$torch.device({device!r})",
-        "patch_size": [size] * 3,
-        "synthetic#num_samples": num_samples,
-        "batch_size": batch_size,
-        "learning_rate": learning_rate,
-        "seed": seed,
-    }
-    overrides["loss"] = {**LOSS_BASE, **VARIANTS[variant]}
-    if data_dir is not None:
-        overrides.update({"data_dir": str(data_dir), "check_labels": False})  # the CLI has checked them already
-    config_file: str | list[str] = str(CONFIG_PATH)
-    if distributed:
-        config_file = [str(CONFIG_PATH), str(MULTI_GPU_PATH)]
-        if device != "cpu":  # multi_gpu_train.yaml's own device: the GPU of this rank's LOCAL_RANK
-            del overrides["device"]
-        overrides["finalize"] = []  # the process group outlives one run (compare trains several in a row)
-        rank0 = _is_rank0()
-        progress, echo = progress and rank0, echo and rank0
-    workflow = ConfigWorkflow(
-        config_file=config_file, meta_file=str(META_PATH), logging_file=False, workflow_type="train", **overrides
-    )
-    workflow.initialize()
-    parsed = workflow.parser.get_parsed_content
-    data, trainer, evaluator = parsed("data"), parsed("train#trainer"), parsed("validate#evaluator")
-    for name in _QUIET_LOGGERS:  # the handlers reset their own loggers to INFO when built
-        logging.getLogger(name).setLevel(logging.WARNING)
-    if distributed:  # multi_gpu_train.yaml sets the engines' loggers to INFO on rank 0; the CLI prints its own lines
-        for engine in (trainer, evaluator):
-            engine.logger.setLevel(logging.WARNING)
-    if quiet_errors:  # the CLI reports a failure (or Ctrl-C) in one line; MONAI and Ignite would log tracebacks
-        for logger in [logging.getLogger(n) for n in _QUIET_LOGGERS] + [trainer.logger, evaluator.logger]:
-            logger.addFilter(_below_error)
-
-    metric = parsed("validate#per_class_dice")
-    reported = [metric.class_names[c] for c in metric.reported]
-    prefix = metric.prefix + "/"
-    result = RunResult(
-        variant=variant, out_dir=out_dir, class_names=list(data.class_names), reported=reported,
-        rare=data.class_names[_rare_index(data, decathlon)], shares=_class_shares(data, decathlon),
-    )  # fmt: skip
-
-    pbar = None
-    if progress:
-        from ignite.handlers import ProgressBar
-        from monai.handlers import from_engine
-
-        pbar = ProgressBar(persist=False, desc=f"{variant} epoch")
-        pbar.attach(trainer, output_transform=lambda out: {"loss": float(from_engine(["loss"], first=True)(out))})
-    say = pbar.log_message if pbar is not None else print
-
-    def record(engine: Any) -> None:
-        metrics = engine.state.metrics
-        row = {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
-        result.history.append(row)
-        if echo:
-            cells = "  ".join(f"{name} {_fmt(row.get(name, math.nan))}" for name in reported + ["mean"])
-            say(f"[{variant}] epoch {engine.state.epoch:>3}/{epochs}  val Dice  {cells}")
-
-    evaluator.add_event_handler(Events.COMPLETED, record)
-    start = time.perf_counter()
-    try:
-        workflow.run()
-        workflow.finalize()
-    finally:  # TensorBoard writers run a thread each: close them, also after a failure or Ctrl-C
-        handlers = [*parsed("train#handlers"), *parsed("validate#handlers"), parsed("validate#per_class_dice_logger")]
-        # (a handler disabled on ranks > 0 by multi_gpu_train.yaml is None or left out here)
-        for handler in handlers:
-            if hasattr(handler, "close"):
-                handler.close()
-        if distributed:  # the group outlives this run (main() ends it), but this run's DDP network must not hold it
-            release_process_group(parsed("network"))
-    result.seconds = time.perf_counter() - start
-    return result
-
-
-def _below_error(record: logging.LogRecord) -> bool:
-    return record.levelno < logging.ERROR
-
-
-def _rare_index(data: Any, decathlon: Any) -> int:
-    import numpy as np
-
-    if decathlon is not None and decathlon.class_voxels is not None:
-        return 1 + int(np.argmin(decathlon.class_voxels[1:]))
-    return int(data.rare_class)
 
 
 def _check_data(path: str | None, check_labels: bool = True) -> Any:
@@ -397,8 +200,8 @@ def _class_table(result: RunResult) -> str:
     for name in result.reported:
         share = result.shares.get(name, math.nan)
         mark = "  <- rare" if name == result.rare else ""
-        lines.append(f"{name:<{width}}{share * 100:>8.2f}%  {_fmt(result.final.get(name, math.nan)):>6}{mark}")
-    lines.append(f"{'mean':<{width}}{'':>9}  {_fmt(result.final.get('mean', math.nan)):>6}")
+        lines.append(f"{name:<{width}}{share * 100:>8.2f}%  {format_number(result.final.get(name, math.nan)):>6}{mark}")
+    lines.append(f"{'mean':<{width}}{'':>9}  {format_number(result.final.get('mean', math.nan)):>6}")
     return "\n".join(lines)
 
 
@@ -409,7 +212,7 @@ def _compare_table(results: Sequence[RunResult]) -> str:
     head = f"{'variant':<{width}}" + "".join(f"{n:>{w}}" for n, w in zip(names, cols, strict=False)) + f"{'time':>8}"
     lines = [head, "-" * len(head)]
     for r in results:
-        cells = "".join(f"{_fmt(r.final.get(n, math.nan)):>{w}}" for n, w in zip(names, cols, strict=False))
+        cells = "".join(f"{format_number(r.final.get(n, math.nan)):>{w}}" for n, w in zip(names, cols, strict=False))
         lines.append(f"{r.variant:<{width}}{cells}{r.seconds:>7.0f}s")
     return "\n".join(lines)
 
@@ -442,7 +245,8 @@ def _verdict(results: Sequence[RunResult]) -> str:
 
     top = max(results, key=mean)
     if top is not best and mean(best) < mean(top) - 0.05:  # say when the rare class was bought with the others
-        text += f", at a cost: mean Dice {_fmt(best.final.get('mean'))} vs {_fmt(top.final['mean'])} for {top.variant}"
+        cost = f"mean Dice {format_number(best.final.get('mean'))} vs {format_number(top.final['mean'])}"
+        text += f", at a cost: {cost} for {top.variant}"
     return text + "."
 
 
@@ -502,13 +306,6 @@ def _describe_run_folder(out: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------ several processes
 
 _LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--out")
-
-
-def _is_rank0() -> bool:
-    """Whether this process prints and writes: rank 0 of a torchrun launch, or a process outside any launch."""
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _launch_args(p: argparse.ArgumentParser) -> None:
@@ -663,7 +460,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                   f"data {_source(args, decathlon)}")  # fmt: skip
         with _quiet_libraries():
             result = train_bundle(variant=variant, out_dir=out, **kwargs)
-    if args._worker and not _is_rank0():  # rank 0 prints; main() ends every rank's part in the process group
+    if args._worker and not is_rank0():  # rank 0 prints; main() ends every rank's part in the process group
         return 0
     print()
     print(f"Per-class validation Dice after {len(result.history)} epochs ({result.seconds:.0f} s, loss {variant}):")
@@ -685,7 +482,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(header)
         return _launch(args, kwargs["device"])
     results = []
-    rank0 = _is_rank0()
+    rank0 = is_rank0()
     with _output_folder(args, "compare") as out:
         if not args._worker:
             print(header)
@@ -694,7 +491,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 results.append(train_bundle(variant=variant, out_dir=out / variant, echo=False, **kwargs))
                 r = results[-1]
                 if rank0:
-                    mean = _fmt(r.final.get("mean", math.nan))
+                    mean = format_number(r.final.get("mean", math.nan))
                     print(f"  {variant:<20} done in {r.seconds:5.0f} s   mean Dice {mean}", flush=True)
     if args._worker and not rank0:
         return 0

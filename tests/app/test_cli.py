@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from monai_gdl_plus.app import cli
-from monai_gdl_plus.app.cli import VARIANTS, main
+from monai_gdl_plus.app.cli import main
+from monai_gdl_plus.app.training import RunResult
 
 # 2 synthetic volumes of 16^3 (one for training, one for validation), one epoch of one iteration
 TINY = ["--epochs", "1", "--num-samples", "2", "--size", "16", "--batch-size", "1", "--device", "cpu"]
@@ -82,32 +83,6 @@ def test_version(capsys):
 
     assert main(["--version"]) == 0
     assert __version__ in capsys.readouterr().out
-
-
-def _promised(name: str) -> tuple[str, dict]:
-    """What a variant's name promises: the loss class and its options (``[monai-]base[-w_type][-squared][+ce]``)."""
-    base, _, extra = name.partition("+")
-    parts = base.split("-")
-    if parts[0] == "monai":
-        cls = {"dice": "DiceLoss", "gdl": "GeneralizedDiceLoss"}[parts[1]]
-        return ("DiceCELoss" if extra == "ce" else cls), {}
-    options = {"lambda_ce": 1.0 if extra == "ce" else 0.0, "squared_pred": parts[-1] == "squared",
-               "to_onehot_y": True, "softmax": True, "include_background": True}  # fmt: skip
-    if parts[0] == "gdl":
-        return "GeneralizedDicePlusLoss", {**options, "w_type": parts[1]}
-    return "DicePlusLoss", options
-
-
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_every_variant_builds_the_loss_its_name_promises(name):
-    from monai.bundle import ConfigParser
-
-    loss = ConfigParser({"loss": {**cli.LOSS_BASE, **VARIANTS[name]}}).get_parsed_content("loss")
-    cls, options = _promised(name)
-    assert type(loss).__name__ == cls
-    assert {k: getattr(loss, k) for k in options} == options
-    logits, labels = torch.randn(1, 4, 8, 8, 8), torch.randint(0, 4, (1, 1, 8, 8, 8))
-    assert torch.isfinite(loss(logits, labels))
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -292,7 +267,7 @@ def test_compare_two_variants(capsys, tmp_path):
 def test_verdict_names_the_best_variant_for_the_rare_class():
     def result(variant, lesion):
         names = ["bg", "organ", "lesion"]
-        r = cli.RunResult(variant, Path("."), names, names[1:], "lesion", {"lesion": 0.003})
+        r = RunResult(variant, Path("."), names, names[1:], "lesion", {"lesion": 0.003})
         r.history.append({"organ": 0.9, "lesion": lesion, "mean": (0.9 + lesion) / 2})
         return r
 
