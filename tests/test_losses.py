@@ -20,7 +20,7 @@ import pytest
 import reference as R
 import torch
 import torch.nn.functional as F
-from conftest import _make_case, forbid_host_syncs
+from cases import _make_case, forbid_host_syncs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from monai.data import MetaTensor

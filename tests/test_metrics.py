@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import forbid_host_syncs
+from cases import forbid_host_syncs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ignite.engine import Engine
