@@ -20,7 +20,17 @@ import pytest
 import reference as R
 import torch
 import torch.nn.functional as F
-from cases import _make_case, forbid_host_syncs
+from cases import (
+    SHAPES,
+    _assert_matches_reference,
+    _class_weight,
+    _make_case,
+    _target,
+    _value_and_grad,
+    _weight_for,
+    _with_ignored,
+    forbid_host_syncs,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from monai.data import MetaTensor
@@ -37,40 +47,11 @@ from monai_gdl_plus import (
 )
 from monai_gdl_plus.functional import soft_terms
 
-SHAPES = {"3d": (2, 4, 6, 6, 6), "2d": (2, 3, 8, 8)}
 ACTS = {"sigmoid": {"sigmoid": True}, "softmax": {"softmax": True}}
 REDUCTIONS = ("mean", "sum", "none")
 TOL = 1e-5
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _target(labels: torch.Tensor, num_classes: int, kind: str) -> torch.Tensor:
-    """The label map itself, or its one-hot (labels outside [0, C) give all-zero rows: MONAI's sentinel rule)."""
-    return labels if kind == "label" else R.one_hot(labels[:, 0], num_classes)
-
-
-def _with_ignored(labels: torch.Tensor, value: int, seed: int = 1, fraction: float = 0.2) -> torch.Tensor:
-    """A copy of ``labels`` with a random ``fraction`` of voxels set to ``value``."""
-    g = torch.Generator().manual_seed(seed)
-    out = labels.clone()
-    out[torch.rand(labels.shape, generator=g) < fraction] = value
-    return out
-
-
-def _class_weight(n: int, dtype=torch.float64) -> torch.Tensor:
-    return torch.linspace(0.3, 1.0, n, dtype=dtype)
-
-
-def _value_and_grad(loss, x: torch.Tensor, y: torch.Tensor, shape=None):
-    """Loss value (reshaped to ``shape``) and d(sum(value * cotangent))/dx with a fixed non-uniform cotangent."""
-    xi = x.detach().clone().requires_grad_(True)
-    v = loss(xi, y)
-    if shape is not None:
-        v = v.reshape(shape)
-    cot = torch.linspace(0.5, 1.5, v.numel(), dtype=v.dtype).reshape(v.shape) if v.numel() > 1 else torch.ones_like(v)
-    (grad,) = torch.autograd.grad((v * cot).sum(), xi)
-    return v.detach(), grad
 
 
 class _NotInThisMonai:
@@ -660,14 +641,6 @@ def test_focal_softmax_form_matches_monai_focal_loss_with_background(make_case):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _assert_matches_reference(ours, ref, x, y, atol=1e-9):
-    a, ga = _value_and_grad(ours, x, y)
-    b, gb = _value_and_grad(ref, x, y)
-    assert a.shape == b.shape
-    torch.testing.assert_close(a, b.to(a.dtype), atol=atol, rtol=1e-7)
-    torch.testing.assert_close(ga, gb.to(ga.dtype), atol=atol, rtol=1e-7)
-
-
 GDL_EXT_GRID = list(
     itertools.product((False, True), (False, True), ("square", "simple", "uniform"), (True, False),
                       ("max", "zero", 0.3), (False, True))
@@ -687,10 +660,6 @@ def test_gdl_extensions_match_reference(
         return R.generalized_dice_loss(a, b, **kw)
 
     _assert_matches_reference(GeneralizedDicePlusLoss(**kw), ref, x, y)
-
-
-def _weight_for(kind, c):
-    return {None: None, "short": _class_weight(c - 1), "full": _class_weight(c)}[kind]
 
 
 WEIGHT_IGNORE_GRID = [
