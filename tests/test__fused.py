@@ -1,13 +1,16 @@
-"""The fused label-map path (monai_gdl_plus._fused) against the plain autograd path, chunk boundaries included."""
+"""The fused label-map path (monai_gdl_plus._fused) against the plain autograd path, chunk boundaries included; its
+custom ops; and the label-map route building no dense one-hot."""
 
 from __future__ import annotations
 
 import itertools
 
+import monai.losses as ML
 import pytest
 import torch
+from cases import SHAPES, _with_ignored
 
-from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss, _ops
+from monai_gdl_plus import DiceFocalPlusLoss, DicePlusLoss, GeneralizedDiceFocalPlusLoss, GeneralizedDicePlusLoss, _ops
 from monai_gdl_plus import _fused as fused
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -269,3 +272,89 @@ def test_custom_ops_on_half_logits_keep_float32_terms_and_a_gradient_in_the_logi
     torch.library.opcheck(
         torch.ops.monai_gdl_plus.label_terms_backward.default, (x, labels, mask, weight, *cot, *flags)
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the label-map route never builds a dense one-hot
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _forbid_one_hot(monkeypatch):
+    import monai.losses.dice
+    import monai.networks
+    import monai.networks.utils
+
+    import monai_gdl_plus.functional
+    import monai_gdl_plus.losses
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a dense one-hot was requested")
+
+    monkeypatch.setattr(torch.nn.functional, "one_hot", boom)
+    monkeypatch.setattr(monai.networks.utils, "one_hot", boom)
+    monkeypatch.setattr(monai.networks, "one_hot", boom)
+    monkeypatch.setattr(monai.losses.dice, "one_hot", boom)
+    for module in (monai_gdl_plus.functional, monai_gdl_plus.losses):
+        monkeypatch.setattr(module, "one_hot", boom, raising=False)
+
+
+LABEL_PATH_LOSSES = [
+    DicePlusLoss(to_onehot_y=True, softmax=True),
+    DiceFocalPlusLoss(to_onehot_y=True, softmax=True, ignore_index=255, alpha=0.25),
+    GeneralizedDiceFocalPlusLoss(to_onehot_y=True, sigmoid=True, focal_softmax=True, ignore_index=255),
+    DicePlusLoss(to_onehot_y=True, softmax=True, ignore_index=255, lambda_ce=0.5, squared_pred=True),
+    DicePlusLoss(to_onehot_y=True, sigmoid=True, ignore_index=2, lambda_ce=0.5),
+    GeneralizedDicePlusLoss(to_onehot_y=True, softmax=True, ignore_index=255, lambda_ce=0.5),
+    GeneralizedDicePlusLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True),
+]
+
+
+@pytest.mark.parametrize("loss", LABEL_PATH_LOSSES, ids=lambda m: type(m).__name__)
+def test_label_map_path_calls_no_one_hot(make_case, monkeypatch, loss):
+    x, labels = make_case(SHAPES["3d"])
+    labels = _with_ignored(labels, 255)
+    if loss.ignore_index != 255:
+        labels = labels.clamp_max(3)
+    _forbid_one_hot(monkeypatch)
+    loss(x, labels).backward()
+    # control: the patch does catch MONAI's one-hot
+    with pytest.raises(AssertionError, match="dense one-hot"):
+        ML.DiceLoss(to_onehot_y=True, softmax=True)(x, labels.clamp_max(3))
+
+
+class _DenseOneHotDetector(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records aten ops whose output has at least B*C*N elements and is integer/bool or comes from one_hot, or,
+    with ``scatter=True``, from a scatter (the forward pass; backward legitimately scatters the dense gradient)."""
+
+    def __init__(self, dense_numel: int, scatter: bool = True):
+        super().__init__()
+        self.dense_numel = dense_numel
+        self.scatter = scatter
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(t, torch.Tensor) or t.numel() < self.dense_numel:
+                continue
+            if not t.is_floating_point() or "one_hot" in name or (self.scatter and "scatter" in name):
+                self.found.append(f"{name} -> {tuple(t.shape)} {t.dtype}")
+        return out
+
+
+@pytest.mark.parametrize("loss", LABEL_PATH_LOSSES, ids=lambda m: type(m).__name__)
+def test_label_map_path_makes_no_dense_integer_or_scattered_tensor(make_case, loss):
+    x, labels = make_case(SHAPES["3d"])
+    labels = _with_ignored(labels, 255)
+    if loss.ignore_index != 255:
+        labels = labels.clamp_max(3)
+    with _DenseOneHotDetector(x.numel()) as forward:
+        value = loss(x, labels)
+    with _DenseOneHotDetector(x.numel(), scatter=False) as backward:
+        value.backward()
+    assert forward.found == [] and backward.found == []
+    # control: MONAI's one-hot path is seen by the same detector
+    with _DenseOneHotDetector(x.numel()) as control:
+        ML.DiceLoss(to_onehot_y=True, softmax=True)(x, labels.clamp(0, 3))
+    assert control.found
