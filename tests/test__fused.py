@@ -139,45 +139,6 @@ def test_fused_function_gradcheck_with_mask_and_class_weights():
         assert torch.autograd.gradcheck(f, (x,)), focal
 
 
-def test_class_sums_equal_a_one_hot_reference_on_every_route(monkeypatch):
-    """Sums of values (scatter-add, with or without a gradient), voxel counts (``bincount``, or the scatter while
-    ``torch.compile`` traces) and the accelerators' blocked sums all equal a dense one-hot sum."""
-    g = torch.Generator().manual_seed(5)
-    labels = torch.randint(0, 6, (3, 10000), generator=g)
-    values = torch.rand(3, 10000, generator=g)
-    onehot = torch.nn.functional.one_hot(labels, 6).double()  # (B, N, C)
-    expected = (values.double()[..., None] * onehot).sum(1)
-    plain = _ops.class_sums(values, labels, 6)
-    graded = _ops.class_sums(values.clone().requires_grad_(True), labels, 6)
-    blocked = _ops.class_sums(values, labels, 6, blocked=True)
-    assert plain.dtype == torch.float64 and graded.requires_grad
-    for got in (plain, graded.detach()):
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(blocked, expected, rtol=1e-6, atol=0)  # float32 partial sums of 4096 voxels
-    counts = _ops.class_sums(None, labels, 6)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    traced = _ops.class_sums(None, labels, 6)
-    for got in (counts, traced, _ops.class_sums(None, labels, 6, blocked=True)):
-        torch.testing.assert_close(got, onehot.sum(1), rtol=0, atol=0)
-    # classes absent from a sample are zero, not cut off (minlength)
-    counts = _ops.class_sums(None, torch.tensor([[0, 0, 1], [0, 0, 0]]), 4)
-    assert counts.tolist() == [[2.0, 1.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]]
-
-
-@pytest.mark.parametrize("n", [1, _ops.BLOCK - 1, _ops.BLOCK, 2 * _ops.BLOCK, 2 * _ops.BLOCK + 1])
-def test_blocked_class_sums_at_whole_and_ragged_block_counts(n):
-    """The accelerators' blocked sums equal a dense one-hot sum whether the last block is whole or ragged: an
-    off-by-one in the block index leaves ragged volumes right but sends the last voxel of a whole one past the
-    partial histograms."""
-    g = torch.Generator().manual_seed(6)
-    labels = torch.randint(0, 3, (2, n), generator=g)
-    values = torch.rand(2, n, generator=g, dtype=torch.float64)
-    onehot = torch.nn.functional.one_hot(labels, 3).double()
-    blocked = _ops.class_sums(values, labels, 3, blocked=True)
-    torch.testing.assert_close(blocked, (values[..., None] * onehot).sum(1), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_ops.class_sums(None, labels, 3, blocked=True), onehot.sum(1), rtol=0, atol=0)
-
-
 def test_the_gradient_is_written_over_the_activation_buffer(monkeypatch):
     """The one logits-sized buffer the forward allocates (the activation) is the one the backward turns into
     ``x.grad``: written in place, not copied out (the 1x-logits peak depends on it)."""
