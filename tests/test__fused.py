@@ -1,13 +1,16 @@
-"""The fused label-map path (monai_gdl_plus._fused) against the plain autograd path, chunk boundaries included."""
+"""The fused label-map path (monai_gdl_plus._fused) against the plain autograd path, chunk boundaries included; its
+custom ops; and the label-map route building no dense one-hot."""
 
 from __future__ import annotations
 
 import itertools
 
+import monai.losses as ML
 import pytest
 import torch
+from cases import SHAPES, _with_ignored
 
-from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss, _ops
+from monai_gdl_plus import DiceFocalPlusLoss, DicePlusLoss, GeneralizedDiceFocalPlusLoss, GeneralizedDicePlusLoss, _ops
 from monai_gdl_plus import _fused as fused
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -136,45 +139,6 @@ def test_fused_function_gradcheck_with_mask_and_class_weights():
         assert torch.autograd.gradcheck(f, (x,)), focal
 
 
-def test_class_sums_equal_a_one_hot_reference_on_every_route(monkeypatch):
-    """Sums of values (scatter-add, with or without a gradient), voxel counts (``bincount``, or the scatter while
-    ``torch.compile`` traces) and the accelerators' blocked sums all equal a dense one-hot sum."""
-    g = torch.Generator().manual_seed(5)
-    labels = torch.randint(0, 6, (3, 10000), generator=g)
-    values = torch.rand(3, 10000, generator=g)
-    onehot = torch.nn.functional.one_hot(labels, 6).double()  # (B, N, C)
-    expected = (values.double()[..., None] * onehot).sum(1)
-    plain = _ops.class_sums(values, labels, 6)
-    graded = _ops.class_sums(values.clone().requires_grad_(True), labels, 6)
-    blocked = _ops.class_sums(values, labels, 6, blocked=True)
-    assert plain.dtype == torch.float64 and graded.requires_grad
-    for got in (plain, graded.detach()):
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(blocked, expected, rtol=1e-6, atol=0)  # float32 partial sums of 4096 voxels
-    counts = _ops.class_sums(None, labels, 6)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    traced = _ops.class_sums(None, labels, 6)
-    for got in (counts, traced, _ops.class_sums(None, labels, 6, blocked=True)):
-        torch.testing.assert_close(got, onehot.sum(1), rtol=0, atol=0)
-    # classes absent from a sample are zero, not cut off (minlength)
-    counts = _ops.class_sums(None, torch.tensor([[0, 0, 1], [0, 0, 0]]), 4)
-    assert counts.tolist() == [[2.0, 1.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]]
-
-
-@pytest.mark.parametrize("n", [1, _ops.BLOCK - 1, _ops.BLOCK, 2 * _ops.BLOCK, 2 * _ops.BLOCK + 1])
-def test_blocked_class_sums_at_whole_and_ragged_block_counts(n):
-    """The accelerators' blocked sums equal a dense one-hot sum whether the last block is whole or ragged: an
-    off-by-one in the block index leaves ragged volumes right but sends the last voxel of a whole one past the
-    partial histograms."""
-    g = torch.Generator().manual_seed(6)
-    labels = torch.randint(0, 3, (2, n), generator=g)
-    values = torch.rand(2, n, generator=g, dtype=torch.float64)
-    onehot = torch.nn.functional.one_hot(labels, 3).double()
-    blocked = _ops.class_sums(values, labels, 3, blocked=True)
-    torch.testing.assert_close(blocked, (values[..., None] * onehot).sum(1), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_ops.class_sums(None, labels, 3, blocked=True), onehot.sum(1), rtol=0, atol=0)
-
-
 def test_the_gradient_is_written_over_the_activation_buffer(monkeypatch):
     """The one logits-sized buffer the forward allocates (the activation) is the one the backward turns into
     ``x.grad``: written in place, not copied out (the 1x-logits peak depends on it)."""
@@ -269,3 +233,89 @@ def test_custom_ops_on_half_logits_keep_float32_terms_and_a_gradient_in_the_logi
     torch.library.opcheck(
         torch.ops.monai_gdl_plus.label_terms_backward.default, (x, labels, mask, weight, *cot, *flags)
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the label-map route never builds a dense one-hot
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _forbid_one_hot(monkeypatch):
+    import monai.losses.dice
+    import monai.networks
+    import monai.networks.utils
+
+    import monai_gdl_plus.functional
+    import monai_gdl_plus.losses
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a dense one-hot was requested")
+
+    monkeypatch.setattr(torch.nn.functional, "one_hot", boom)
+    monkeypatch.setattr(monai.networks.utils, "one_hot", boom)
+    monkeypatch.setattr(monai.networks, "one_hot", boom)
+    monkeypatch.setattr(monai.losses.dice, "one_hot", boom)
+    for module in (monai_gdl_plus.functional, monai_gdl_plus.losses):
+        monkeypatch.setattr(module, "one_hot", boom, raising=False)
+
+
+LABEL_PATH_LOSSES = [
+    DicePlusLoss(to_onehot_y=True, softmax=True),
+    DiceFocalPlusLoss(to_onehot_y=True, softmax=True, ignore_index=255, alpha=0.25),
+    GeneralizedDiceFocalPlusLoss(to_onehot_y=True, sigmoid=True, focal_softmax=True, ignore_index=255),
+    DicePlusLoss(to_onehot_y=True, softmax=True, ignore_index=255, lambda_ce=0.5, squared_pred=True),
+    DicePlusLoss(to_onehot_y=True, sigmoid=True, ignore_index=2, lambda_ce=0.5),
+    GeneralizedDicePlusLoss(to_onehot_y=True, softmax=True, ignore_index=255, lambda_ce=0.5),
+    GeneralizedDicePlusLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True),
+]
+
+
+@pytest.mark.parametrize("loss", LABEL_PATH_LOSSES, ids=lambda m: type(m).__name__)
+def test_label_map_path_calls_no_one_hot(make_case, monkeypatch, loss):
+    x, labels = make_case(SHAPES["3d"])
+    labels = _with_ignored(labels, 255)
+    if loss.ignore_index != 255:
+        labels = labels.clamp_max(3)
+    _forbid_one_hot(monkeypatch)
+    loss(x, labels).backward()
+    # control: the patch does catch MONAI's one-hot
+    with pytest.raises(AssertionError, match="dense one-hot"):
+        ML.DiceLoss(to_onehot_y=True, softmax=True)(x, labels.clamp_max(3))
+
+
+class _DenseOneHotDetector(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records aten ops whose output has at least B*C*N elements and is integer/bool or comes from one_hot, or,
+    with ``scatter=True``, from a scatter (the forward pass; backward legitimately scatters the dense gradient)."""
+
+    def __init__(self, dense_numel: int, scatter: bool = True):
+        super().__init__()
+        self.dense_numel = dense_numel
+        self.scatter = scatter
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(t, torch.Tensor) or t.numel() < self.dense_numel:
+                continue
+            if not t.is_floating_point() or "one_hot" in name or (self.scatter and "scatter" in name):
+                self.found.append(f"{name} -> {tuple(t.shape)} {t.dtype}")
+        return out
+
+
+@pytest.mark.parametrize("loss", LABEL_PATH_LOSSES, ids=lambda m: type(m).__name__)
+def test_label_map_path_makes_no_dense_integer_or_scattered_tensor(make_case, loss):
+    x, labels = make_case(SHAPES["3d"])
+    labels = _with_ignored(labels, 255)
+    if loss.ignore_index != 255:
+        labels = labels.clamp_max(3)
+    with _DenseOneHotDetector(x.numel()) as forward:
+        value = loss(x, labels)
+    with _DenseOneHotDetector(x.numel(), scatter=False) as backward:
+        value.backward()
+    assert forward.found == [] and backward.found == []
+    # control: MONAI's one-hot path is seen by the same detector
+    with _DenseOneHotDetector(x.numel()) as control:
+        ML.DiceLoss(to_onehot_y=True, softmax=True)(x, labels.clamp(0, 3))
+    assert control.found

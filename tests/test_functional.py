@@ -1,16 +1,31 @@
-"""Tests of :mod:`monai_gdl_plus.functional` against ``tests/reference.py`` and closed forms; Modules included."""
+"""Tests of :mod:`monai_gdl_plus.functional` against ``tests/reference.py`` and closed forms; Modules included: the
+CE and focal terms, ignore_index and half precision / autocast through the losses as well."""
 
 from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 
+import monai.losses as ML
 import pytest
 import reference as R
 import torch
+import torch.nn.functional as F
+from cases import (
+    SHAPES,
+    _assert_matches_reference,
+    _class_weight,
+    _make_case,
+    _target,
+    _value_and_grad,
+    _weight_for,
+    _with_ignored,
+)
 
 from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss
 from monai_gdl_plus import functional as GF
+from monai_gdl_plus.functional import soft_terms
 from monai_gdl_plus.options import DiceOptions
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -194,12 +209,6 @@ def test_dice_from_terms_smoothing(jaccard):
     assert float(_dice_loss_of([1], [1], (1.0, 0.0), jaccard)) == pytest.approx(-0.5, rel=1e-15)
 
 
-def test_dice_from_terms_empty_class_is_zero_and_finite():
-    zero = torch.zeros(1, 2)
-    f = GF.dice_from_terms(GF.DiceTerms(zero, zero, zero))
-    assert torch.isfinite(f).all() and (f == 0).all()
-
-
 GDL_WEIGHT_VOLUMES = [[5.0, 0.0, 3.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [100.0, 2.0, 0.0], [7.0, 0.0, 0.0]]
 
 
@@ -374,18 +383,274 @@ def test_gdl_function_rejects_unknown_w_type():
         GF.generalized_dice_plus_loss(torch.randn(1, 2, 3, 3), torch.zeros(1, 1, 3, 3), w_type="squar")
 
 
-def test_blocked_class_sums_equal_the_sequential_scatter():
-    """The accelerator histogram (per-block partial sums) equals the CPU float64 scatter-add."""
-    from monai_gdl_plus._ops import BLOCK as _BLOCK
-    from monai_gdl_plus._ops import class_sums
+# --------------------------------------------------------------------------------------------------------------------
+# the CE and focal terms and ignore_index, through the losses, against the reference and torch
+# --------------------------------------------------------------------------------------------------------------------
 
-    torch.manual_seed(0)
-    n = 3 * _BLOCK + 17  # a ragged last block
-    labels = torch.randint(0, 5, (2, n))
-    values = torch.rand(2, n)
-    sequential = class_sums(values, labels, 5, blocked=False)
-    blocked = class_sums(values, labels, 5, blocked=True)
-    torch.testing.assert_close(blocked, sequential, rtol=1e-6, atol=1e-6)
-    per_sample = [[values[i][labels[i] == k].double().sum() for k in range(5)] for i in range(2)]
-    expected = torch.stack([torch.stack(row) for row in per_sample])
-    torch.testing.assert_close(sequential, expected)
+
+WEIGHT_IGNORE_GRID = [
+    combo
+    for combo in itertools.product(("dice", "gdl"), (True, False), ("label", "onehot"), (None, "short", "full"),
+                                   (None, 255, -1, 2, 0), (0.0, 0.5))  # fmt: skip
+    if not (combo[3] == "short" and combo[1])  # length C-1 exists only without background
+]
+
+
+@pytest.mark.parametrize("loss_name,include_background,target_kind,weight,ignore_index,lambda_ce", WEIGHT_IGNORE_GRID)
+def test_weight_ignore_index_and_ce_match_reference(
+    make_case, loss_name, include_background, target_kind, weight, ignore_index, lambda_ce
+):
+    """Static weights (both lengths), ignore_index outside and inside [0, C) (channel dropped), Dice/GDL + CE."""
+    x, labels = make_case(SHAPES["2d"])
+    c = x.shape[1]
+    if ignore_index is not None and not 0 <= ignore_index < c:
+        labels = _with_ignored(labels, ignore_index)
+    y = _target(labels, c, target_kind)
+    kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", softmax=True,
+              weight=_weight_for(weight, c), ignore_index=ignore_index,
+              lambda_ce=lambda_ce)  # fmt: skip
+    cls, fn = (DicePlusLoss, R.dice_loss) if loss_name == "dice" else (GeneralizedDicePlusLoss, R.generalized_dice_loss)
+
+    def ref(a, b):
+        return fn(a, b, **kw)
+
+    _assert_matches_reference(cls(**kw), ref, x, y)
+
+
+@pytest.mark.parametrize("loss_name", ["dice", "gdl"])
+@pytest.mark.parametrize("ignore_index", [255, -1, 2])
+def test_sigmoid_ce_is_per_channel_bce_matching_reference(make_case, loss_name, ignore_index):
+    """Departure: sigmoid with C > 1 and lambda_ce > 0 gives per-channel BCE (pos_weight = class weight)."""
+    x, labels = make_case(SHAPES["2d"])
+    if not 0 <= ignore_index < x.shape[1]:
+        labels = _with_ignored(labels, ignore_index)
+    kw = dict(to_onehot_y=True, sigmoid=True, ignore_index=ignore_index, lambda_ce=0.8, weight=_class_weight(3))
+    cls, fn = (DicePlusLoss, R.dice_loss) if loss_name == "dice" else (GeneralizedDicePlusLoss, R.generalized_dice_loss)
+
+    def ref(a, b):
+        return fn(a, b, **kw)
+
+    _assert_matches_reference(cls(**kw), ref, x, labels)
+
+
+@pytest.mark.parametrize("loss_cls", [DicePlusLoss, GeneralizedDicePlusLoss])
+@pytest.mark.parametrize("ignore_index", [255, -1, 2])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_lambda_ce_is_dice_plus_torch_cross_entropy(make_case, loss_cls, ignore_index, label_smoothing):
+    x, labels = make_case(SHAPES["3d"])
+    if not 0 <= ignore_index < x.shape[1]:
+        labels = _with_ignored(labels, ignore_index)
+    w = _class_weight(x.shape[1])
+    kw = dict(to_onehot_y=True, softmax=True, ignore_index=ignore_index, weight=w)
+    lam = 0.7
+    combined = loss_cls(lambda_ce=lam, label_smoothing=label_smoothing, **kw)(x, labels)
+    dice = loss_cls(**kw)(x, labels)
+    ce = F.cross_entropy(x, labels[:, 0], weight=w, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    torch.testing.assert_close(combined, dice + lam * ce)
+    # lambda_dice scales the Dice part only
+    scaled = loss_cls(lambda_dice=0.25, lambda_ce=lam, label_smoothing=label_smoothing, **kw)(x, labels)
+    torch.testing.assert_close(scaled, 0.25 * dice + lam * ce)
+
+
+@pytest.mark.parametrize("loss_cls", [DicePlusLoss, GeneralizedDicePlusLoss])
+def test_sigmoid_ce_is_bce_with_logits(make_case, loss_cls):
+    x, labels = make_case(SHAPES["2d"])
+    y = R.one_hot(labels[:, 0], 3)
+    w = _class_weight(3)
+    combined = loss_cls(sigmoid=True, lambda_ce=0.5, weight=w)(x, y)
+    dice = loss_cls(sigmoid=True, weight=w)(x, y)
+    bce = F.binary_cross_entropy_with_logits(x, y, pos_weight=w.reshape(3, 1, 1))
+    torch.testing.assert_close(combined, dice + 0.5 * bce)
+    if loss_cls is DicePlusLoss:  # departure: MONAI's DiceCELoss takes softmax CE here
+        monai_value = ML.DiceCELoss(sigmoid=True, lambda_ce=0.5, weight=w)(x, y)
+        assert abs(float(monai_value.detach()) - float(combined.detach())) > 1e-3
+
+
+FOCAL_EXT_GRID = list(
+    itertools.product(("dice", "gdl"), (True, False), ("label", "onehot"), (None, 255, 2), ((2.0, None), (1.0, 0.3)),
+                      (False, True), (None, "full"), ("mean", "sum"))
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "loss_name,include_background,target_kind,ignore_index,focal,focal_softmax,weight,reduction", FOCAL_EXT_GRID
+)
+def test_focal_term_matches_lin_et_al_reference(
+    loss_name, include_background, target_kind, ignore_index, focal, focal_softmax, weight, reduction
+):
+    """The focal term against Lin et al.'s ``-alpha_t (1 - p_t)**gamma log p_t`` element by element: both forms,
+    ignored voxels left out of the sums and of the count, an in-range ignore_index channel dropped, class weights,
+    both reductions, with Dice/GDL and CE beside it."""
+    x, labels = _make_case((2, 3, 4, 4, 3))
+    c = x.shape[1]
+    labels = _with_ignored(labels, 255) if ignore_index == 255 else labels
+    gamma, alpha = focal
+    kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", softmax=True,
+              ignore_index=ignore_index, weight=_weight_for(weight, c), lambda_focal=0.8, gamma=gamma,
+              focal_alpha=alpha, focal_softmax=focal_softmax, reduction=reduction,
+              lambda_ce=0.4 if reduction == "mean" else 0.0)  # fmt: skip  (the reference's CE is a mean)
+    cls, fn = (DicePlusLoss, R.dice_loss) if loss_name == "dice" else (GeneralizedDicePlusLoss, R.generalized_dice_loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the softmax form's "alpha ignored without background", as MONAI warns
+
+        def ref(a, b):
+            kw_ref = dict(kw, focal_alpha=None) if focal_softmax and alpha and not include_background else kw
+            return fn(a, b, **{k: v for k, v in kw_ref.items() if k != "label_smoothing"})
+
+        _assert_matches_reference(cls(**kw), ref, x, _target(labels, c, target_kind))
+
+
+def test_focal_softmax_form_matches_monai_focal_loss_with_background(make_case):
+    """The softmax form equals MONAI's ``FocalLoss(use_softmax=True)`` where both take the softmax over all channels
+    (with the background kept; without it MONAI renormalises over the foreground channels, we keep the Dice term's
+    probabilities)."""
+    x, labels = make_case(SHAPES["3d"])
+    for alpha in (None, 0.25):
+        ours = DicePlusLoss(to_onehot_y=True, softmax=True, lambda_dice=0.0, lambda_focal=1.0, focal_softmax=True,
+                            focal_alpha=alpha)  # fmt: skip
+        theirs = ML.FocalLoss(to_onehot_y=True, use_softmax=True, alpha=alpha)
+        a, ga = _value_and_grad(ours, x, labels)
+        b, gb = _value_and_grad(theirs, x, labels)
+        torch.testing.assert_close(a, b.to(a.dtype), atol=1e-6, rtol=0)  # MONAI's FocalLoss computes in float32
+        torch.testing.assert_close(ga, gb.to(ga.dtype), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("loss_cls", [DicePlusLoss, GeneralizedDicePlusLoss])
+@pytest.mark.parametrize("ignore_index", [255, -1])
+@pytest.mark.parametrize("lambda_ce", [0.0, 0.5])
+@pytest.mark.parametrize("batch", [False, True])
+def test_ignore_index_outside_range_equals_removing_the_voxels(make_case, loss_cls, ignore_index, lambda_ce, batch):
+    """The same voxels ignored in every sample: flatten to (B, C, N), drop those columns, no ignore_index."""
+    x, labels = make_case(SHAPES["3d"])
+    b, c = x.shape[:2]
+    ignored = torch.rand(labels.shape[2:], generator=torch.Generator().manual_seed(5)) < 0.3
+    labels = labels.clone()
+    labels[:, :, ignored] = ignore_index
+    kw = dict(to_onehot_y=True, softmax=True, batch=batch, lambda_ce=lambda_ce)
+    with_ignore = loss_cls(ignore_index=ignore_index, **kw)(x, labels)
+    keep = ~ignored.reshape(-1)
+    removed = loss_cls(**kw)(x.reshape(b, c, -1)[:, :, keep], labels.reshape(b, 1, -1)[:, :, keep])
+    torch.testing.assert_close(with_ignore, removed)
+    assert keep.sum() < keep.numel()  # something was actually removed
+
+
+@pytest.mark.parametrize("loss_cls", [DicePlusLoss, GeneralizedDicePlusLoss])
+@pytest.mark.parametrize("include_background", [True, False])
+def test_ignore_index_inside_range_equals_removing_voxels_and_channel(make_case, loss_cls, include_background):
+    """ignore_index=2: its voxels are removed and channel 2 is dropped after the softmax."""
+    x, labels = make_case(SHAPES["3d"])
+    b, c = x.shape[:2]
+    kw = dict(include_background=include_background, reduction="sum")
+    with_ignore = loss_cls(to_onehot_y=True, softmax=True, ignore_index=2, **kw)(x, labels)
+    p = torch.softmax(x, 1).reshape(b, c, -1)
+    flat = labels.reshape(b, 1, -1)
+    keep_ch = [k for k in range(c) if k != 2]
+    relabel = torch.tensor([0, 1, -1, 2])  # class 3 becomes channel 2
+    parts = []
+    for i in range(b):  # the ignored set differs per sample: one sample at a time
+        keep = flat[i, 0] != 2
+        pi = p[i : i + 1][:, keep_ch][:, :, keep]
+        yi = relabel[flat[i : i + 1][:, :, keep]]
+        parts.append(loss_cls(to_onehot_y=True, **kw)(pi, yi))
+    torch.testing.assert_close(with_ignore, sum(parts))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# half precision and autocast: sums in float32 or wider
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_cls", [DicePlusLoss, GeneralizedDicePlusLoss])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("target_kind", ["label", "onehot"])
+def test_half_precision_inputs_accumulate_in_float32(make_case, loss_cls, dtype, target_kind):
+    x64, labels = make_case(SHAPES["3d"])
+    x32 = x64.detach().float()
+    low = x32.to(dtype).requires_grad_(True)
+    y = _target(labels, 4, target_kind).to(dtype) if target_kind == "onehot" else labels
+    kw = dict(to_onehot_y=target_kind == "label", softmax=True, squared_pred=True, ignore_index=None)
+    loss = loss_cls(**kw)
+    value = loss(low, y)
+    value.backward()
+    assert value.dtype == torch.float32
+    assert low.grad.dtype == dtype and torch.isfinite(low.grad).all()
+    # the same numbers given as float32: float32-accurate
+    same_numbers = loss(low.detach().float(), y.float() if target_kind == "onehot" else y)
+    torch.testing.assert_close(value, same_numbers, atol=1e-6, rtol=0)
+    # and close to the unrounded float32 input
+    tol = 2e-2 if dtype is torch.bfloat16 else 2e-3
+    torch.testing.assert_close(value, loss(x32, y.float() if target_kind == "onehot" else y), atol=tol, rtol=0)
+
+
+def _probabilities(t: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(t.float(), 1)
+
+
+# per-class soft volumes of (1, 2, 64^3) are ~131,000 voxels: twice float16's largest finite value
+OVERFLOW_CASES = {
+    "dice softmax": (DicePlusLoss, dict(to_onehot_y=True, softmax=True), "label"),
+    "dice softmax onehot": (DicePlusLoss, dict(softmax=True), "onehot"),
+    "dice sigmoid squared": (DicePlusLoss, dict(to_onehot_y=True, sigmoid=True, squared_pred=True), "label"),
+    "dice+ce": (DicePlusLoss, dict(to_onehot_y=True, softmax=True, lambda_ce=1.0, weight=[0.4, 1.0]), "label"),
+    "gdl raw": (GeneralizedDicePlusLoss, dict(to_onehot_y=True, softmax=True, normalize_weights=False), "label"),
+    "gdl + ce": (GeneralizedDicePlusLoss, dict(to_onehot_y=True, softmax=True, lambda_ce=0.5), "label"),
+    "probabilities ignore 255 (plain path)": (DicePlusLoss, dict(to_onehot_y=True, other_act=_probabilities,
+                                                                 ignore_index=255), "label"),  # fmt: skip
+    "gdl probabilities ignore 255 (plain path)": (GeneralizedDicePlusLoss, dict(
+        to_onehot_y=True, other_act=_probabilities, ignore_index=255, w_type="simple"), "label"),  # fmt: skip
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", OVERFLOW_CASES)
+def test_autocast_with_class_volumes_past_float16_range(name, dtype):
+    """The issue's case: (1, 2, 64^3) under CPU autocast gave Dice 1.0 and a NaN GDL gradient (bmm sums in float16).
+    Value and gradient now equal the float32 loss on the rounded logits, with logits in float32 or in ``dtype``."""
+    loss_cls, kw, target_kind = OVERFLOW_CASES[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 64, 64, 64, generator=g)
+    labels = _with_ignored(torch.randint(0, 2, (1, 1, 64, 64, 64), generator=g), 255, fraction=0.1)
+    labels = labels if "255" in name else labels.clamp_max(1)
+    y = labels if target_kind == "label" else R.one_hot(labels[:, 0], 2, torch.float32)
+    loss = loss_cls(**kw)
+    for logits in (x, x.to(dtype)):
+        expected, expected_grad = _value_and_grad(loss, logits.float(), y)
+        assert 0.0 < float(expected) < 1.5
+        with torch.autocast("cpu", dtype=dtype):
+            value, grad = _value_and_grad(loss, logits, y)
+        assert abs(float(value) - float(expected)) <= 1e-6, (float(value), float(expected))
+        assert grad.dtype == logits.dtype and torch.isfinite(grad).all()
+        # float32 logits: float32's gradient; half logits: that gradient rounded to their dtype (within one unit;
+        # float16 gradients of ~1e-6 are subnormal, hence the absolute term)
+        fin = torch.finfo(logits.dtype)
+        atol = 1e-6 * float(expected_grad.abs().max()) if logits.dtype == torch.float32 else 2 * fin.tiny * fin.eps
+        torch.testing.assert_close(grad, expected_grad.to(logits.dtype), rtol=max(fin.eps, 1e-5), atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_logits_ce_with_weight_over_65504_voxels(dtype):
+    """fp16/bf16 logits: CE weights and counts are summed in float32 (an fp16 sum overflows past 65504 voxels)."""
+    torch.manual_seed(3)
+    x32 = torch.randn(2, 3, 48, 48, 48)
+    y = torch.randint(0, 3, (2, 1, 48, 48, 48))
+    kw = dict(to_onehot_y=True, softmax=True, lambda_ce=1.0, weight=[0.1, 0.7, 1.3])
+    x16 = x32.to(dtype).requires_grad_(True)
+    value = DicePlusLoss(**kw)(x16, y)
+    value.backward()
+    expected = DicePlusLoss(**kw)(x16.detach().float(), y)
+    assert float(value) == pytest.approx(float(expected), rel=1e-5)
+    assert float(x16.grad.float().abs().max()) > 0
+
+
+@pytest.mark.slow
+def test_class_volume_counts_exactly_past_2_pow_24_voxels():
+    """Target volumes are counted in float64: a float32 scatter of ones stops at 16,777,216."""
+    n = 2**24 + 2**20
+    labels = torch.zeros(1, 1, n, dtype=torch.long)
+    labels[0, 0, :1000] = 1
+    x = torch.zeros(1, 2, n)
+    terms, _ = soft_terms(torch.softmax(x, 1), labels=labels)
+    assert float(terms.target_sum[0, 0]) == n - 1000
+    value = DicePlusLoss(to_onehot_y=True, softmax=True, reduction="none")(x, labels)
+    assert float(value.min()) >= 0.0

@@ -1,4 +1,5 @@
-"""Tests of :mod:`monai_gdl_plus.options`: one validated, frozen options object per base loss."""
+"""Tests of :mod:`monai_gdl_plus.options`: one validated, frozen options object per base loss; its argument errors
+through the loss constructors too (every message with ``match=``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import dataclasses
 import pytest
 import torch
 
-from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss
+from monai_gdl_plus import (
+    DiceCEPlusLoss,
+    DiceFocalPlusLoss,
+    DicePlusLoss,
+    GeneralizedDiceFocalPlusLoss,
+    GeneralizedDicePlusLoss,
+    TverskyPlusLoss,
+)
 from monai_gdl_plus import functional as GF
 from monai_gdl_plus.options import DiceOptions, GeneralizedDiceOptions
 
@@ -86,3 +94,72 @@ def test_module_and_function_share_one_options_object():
         GF.generalized_dice_plus_loss(x, y, DiceOptions())
     with pytest.raises(ValueError, match=r"`weight`.*no less than 0"):
         GF.dice_plus_loss(x, y, DicePlusLoss(to_onehot_y=True).options, weight=torch.tensor([1.0, -1.0, 1.0]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the same checks through the loss constructors
+# --------------------------------------------------------------------------------------------------------------------
+
+BOTH = pytest.mark.parametrize("loss_cls", [DicePlusLoss, GeneralizedDicePlusLoss])
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,error,match",
+    [
+        (DicePlusLoss, {"tversky": (0.5, 0.5), "jaccard": True}, ValueError, r"`tversky`.*jaccard=True"),
+        (GeneralizedDicePlusLoss, {"tversky": (0.5, 0.5), "squared_pred": True}, ValueError, "squared_pred=True"),
+        (DicePlusLoss, {"tversky": (0.5,)}, TypeError, r"`tversky` must be None or a pair \(alpha, beta\)"),
+        (TverskyPlusLoss, {"alpha": -0.1}, ValueError, r"`tversky\[0\] \(alpha\)` must be .*-0.1"),
+        (TverskyPlusLoss, {"jaccard": True}, TypeError, r"TverskyPlusLoss: .*'jaccard'"),
+        (DiceCEPlusLoss, {"lambda_gdl": 1.0}, TypeError, r"DiceCEPlusLoss: .*'lambda_gdl'"),
+        (DiceFocalPlusLoss, {"alpha": 1.5}, ValueError, r"`focal_alpha` must be in \[0.0, 1.0\], got 1.5"),
+        (DiceFocalPlusLoss, {"focal_alpha": 0.5}, TypeError, r"DiceFocalPlusLoss: .*'focal_alpha'"),
+        (GeneralizedDiceFocalPlusLoss, {"reduction": "none"}, ValueError, r"reduction='none'.*lambda_focal"),
+        (GeneralizedDiceFocalPlusLoss, {"gamma": -1}, ValueError, r"`gamma` must be a finite number"),
+    ],
+)
+def test_family_constructor_errors(cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "loss_cls,kwargs,match",
+    [
+        (DicePlusLoss, {"reduction": "meen"}, r"`reduction`.*did you mean 'mean'"),
+        (GeneralizedDicePlusLoss, {"reduction": "sun"}, r"`reduction`.*did you mean 'sum'"),
+        (GeneralizedDicePlusLoss, {"w_type": "sqare"}, r"`w_type`.*did you mean 'square'"),
+        (GeneralizedDicePlusLoss, {"absent_weight": "maxx"}, r"`absent_weight`.*did you mean 'max'"),
+    ],
+)
+def test_unknown_option_strings_suggest(loss_cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        loss_cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"sigmoid": True, "softmax": True}, ValueError, "mutually exclusive"),
+        ({"softmax": True, "other_act": torch.tanh}, ValueError, "mutually exclusive"),
+        ({"other_act": "tanh"}, TypeError, "`other_act` must be None or callable"),
+        ({"reduction": "none", "lambda_ce": 0.5}, ValueError, r"reduction='none'.*lambda_ce"),
+        ({"weight": [1.0, -0.5, 1.0]}, ValueError, r"`weight`.*no less than 0"),
+        ({"weight": [1.0, float("nan")]}, ValueError, r"`weight`.*finite"),
+        ({"lambda_ce": -1.0}, ValueError, "`lambda_ce`"),
+        ({"lambda_dice": -1.0}, ValueError, "`lambda_dice`"),
+        ({"smooth_dr": -1.0}, ValueError, "`smooth_dr`"),
+        ({"label_smoothing": 1.5}, ValueError, "`label_smoothing`"),
+        ({"ignore_index": 2.5}, TypeError, "`ignore_index`"),
+    ],
+)
+@BOTH
+def test_constructor_errors_are_raised_at_construction(loss_cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        loss_cls(**kwargs)
+
+
+@pytest.mark.parametrize("value,error", [(-0.5, ValueError), (float("inf"), ValueError), (True, TypeError)])
+def test_absent_weight_bad_values(value, error):
+    with pytest.raises(error, match="`absent_weight`"):
+        GeneralizedDicePlusLoss(absent_weight=value)
