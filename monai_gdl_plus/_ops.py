@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -28,19 +29,27 @@ __all__ = [
     "HOST_DEVICES",
     "LOW_PRECISION",
     "NO_FOCAL",
+    "CrossEntropy",
     "Focal",
+    "activate",
     "as_count",
     "autocast_off",
     "checks_enabled",
     "chunk_voxels",
     "class_sums",
+    "counted_weight",
+    "cross_entropy_sums",
+    "focal_class_sums",
     "nll_from_lse",
     "on_host",
+    "plain_terms",
+    "SoftDice",
     "sigmoid_focal",
     "sigmoid_focal_grad",
     "sigmoid_focal_label_sums",
     "softmax_focal",
     "softmax_focal_grad",
+    "soft_sums",
     "value_check",
     "wide",
 ]
@@ -226,3 +235,167 @@ def sigmoid_focal_label_sums(
         fix = sigmoid_focal(xt, 1.0, focal) - sigmoid_focal(xt, 0.0, focal)
         fsum = fsum + class_sums((fix if mc is None else fix * mc).squeeze(1), lab.squeeze(1), c, blocked)
     return fsum
+
+
+# ------------------------------------------------------------------ the plain route: each term through autograd
+
+
+class SoftDice(NamedTuple):
+    """The soft Dice sums the plain route takes: the activation (``sigmoid``, ``softmax`` over channels or
+    ``other_act``, else none), ``squared`` (``sum(p**2)``, ``sum(g**2)``) and MONAI's ``soft_label`` form."""
+
+    sigmoid: bool = False
+    softmax: bool = False
+    other_act: Callable | None = None
+    squared: bool = False
+    soft_label: bool = False
+
+
+class CrossEntropy(NamedTuple):
+    """The cross-entropy term the plain route sums: per-channel BCE-with-logits (``sigmoid``, or one channel) or the
+    softmax CE; ``weight`` CE's class weights (C,) or BCE's ``pos_weight``; ``label_smoothing`` the CE's."""
+
+    sigmoid: bool = False
+    weight: torch.Tensor | None = None
+    label_smoothing: float = 0.0
+
+
+def plain_terms(
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    target: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    *,
+    dice: SoftDice | None,
+    ce: CrossEntropy | None = None,
+    focal: Focal = NO_FOCAL,
+) -> tuple[tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+    """The plain route's sums of logits ``x`` (B, C, N) against labels (B, N) or a dense target (B, C, N), each term
+    only if asked for: ``dice`` (:class:`SoftDice`) the soft sums ``(I, P, G, volumes)`` (:func:`soft_sums`),
+    ``ce`` the cross entropy's sum and mean denominator (:func:`cross_entropy_sums`), ``focal.kind`` the focal sums
+    (B, C) (:func:`focal_class_sums`)."""
+    sums = None
+    if dice is not None:
+        probs = activate(x, dice.sigmoid, dice.softmax, dice.other_act)
+        sums = soft_sums(probs, labels, target, mask, dice.squared, dice.soft_label)
+    return (sums, None if ce is None else cross_entropy_sums(x, labels, target, mask, ce),
+            focal_class_sums(x, labels, target, mask, focal) if focal.kind else None)  # fmt: skip
+
+
+def activate(x: torch.Tensor, sigmoid: bool, softmax: bool, other_act: Callable | None = None) -> torch.Tensor:
+    """The activation along the channel axis, computed in float32 or wider (:func:`wide`)."""
+    x = wide(x)
+    if sigmoid:
+        return torch.sigmoid(x)
+    if softmax:
+        return torch.softmax(x, 1)
+    return x if other_act is None else wide(other_act(x))
+
+
+def soft_sums(
+    probs: torch.Tensor,
+    labels: torch.Tensor | None,
+    target: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    squared: bool = False,
+    soft_label: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(I, P, G, volumes)`` (B, C) of probabilities (B, C, N) against labels (B, N) (never one-hot: the true class's
+    probability is gathered and added per class) or a dense target (B, C, N), masked by ``mask`` (B, N). The volumes
+    ``sum(g)`` differ from ``G`` only for squared soft labels. Element-wise sums, not einsum: a matmul's backward
+    would run in float16 where backward is called under autocast."""
+    num_ch = probs.shape[1]
+    if labels is not None:
+        true_p = probs.gather(1, labels[:, None]).squeeze(1)  # (B, N): probability of the true class
+        inter = class_sums(true_p if mask is None else true_p * mask, labels, num_ch).to(probs.dtype)
+        tsum = class_sums(mask, labels, num_ch).to(probs.dtype)  # mask None: voxel counts
+        q = probs * probs if squared else probs
+        return inter, q.sum(-1) if mask is None else (q * mask[:, None]).sum(-1), tsum, tsum
+    assert target is not None  # one of the two
+    if mask is not None:
+        probs, target = probs * mask[:, None], target * mask[:, None]
+    if soft_label and not squared:  # MONAI's soft-label form (Wang et al. 2023): I = (|p|_1 + |g|_1 - |p - g|_1) / 2
+        psum, tsum = probs.abs().sum(-1), target.abs().sum(-1)
+        return (psum + tsum - (probs - target).abs().sum(-1)) / 2, psum, tsum, target.sum(-1)
+    inter = (probs * target).sum(-1)
+    if not squared:
+        tsum = target.sum(-1)
+        return inter, probs.sum(-1), tsum, tsum
+    tsum = (target * target).sum(-1)
+    return inter, (probs * probs).sum(-1), tsum, target.sum(-1) if soft_label else tsum
+
+
+def cross_entropy_sums(
+    x: torch.Tensor, labels: torch.Tensor | None, target: torch.Tensor | None, mask: torch.Tensor | None,
+    ce: CrossEntropy,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The cross entropy's sum over the counted voxels and its mean's denominator (as ``F.cross_entropy``: the class
+    weights of the counted voxels for a label map; the counted voxels for probability targets; BCE: the counted
+    (voxel, channel) pairs). A label map is gathered, never one-hot; its softmax CE is written from the log-sum-exp
+    (:func:`nll_from_lse`), as ``F.cross_entropy``'s ``nll_loss`` has no deterministic CUDA kernel."""
+    x = wide(x)
+    w = None if ce.weight is None else ce.weight.to(x)
+    num_ch = x.shape[1]
+    if ce.sigmoid or num_ch == 1:  # BCE-with-logits pw g softplus(-x) + (1 - g) softplus(x), per channel
+        pw = None if w is None else w.reshape(-1, 1) if w.ndim else w
+        if labels is not None:
+            x_true = x.gather(1, labels[:, None]).squeeze(1)
+            pw_true = 1.0 if pw is None else pw.reshape(-1)[labels] if pw.ndim else pw
+            per_voxel = F.softplus(x).sum(1) + pw_true * F.softplus(-x_true) - F.softplus(x_true)
+        else:
+            assert target is not None  # one of the two
+            per_voxel = F.binary_cross_entropy_with_logits(x, target, pos_weight=pw, reduction="none").sum(1)
+        if mask is None:
+            return per_voxel.sum(), as_count(per_voxel.numel() * num_ch, per_voxel)
+        return (per_voxel * mask).sum(), (mask.sum() * num_ch).clamp_min(1.0)
+    if labels is None:
+        assert target is not None  # one of the two
+        nll = F.cross_entropy(x, target, weight=w, label_smoothing=ce.label_smoothing, reduction="none")
+        if mask is None:  # probability targets: the mean is over voxels, whatever the weights
+            return nll.sum(), as_count(nll.numel(), nll)
+        return (nll * mask).sum(), mask.sum().clamp_min(1.0)
+    lse = torch.logsumexp(x, 1)
+    nll = nll_from_lse(lse, x.gather(1, labels[:, None]).squeeze(1))
+    if w is not None:
+        nll = nll * w[labels]
+    if ce.label_smoothing > 0:  # sum over classes of (weighted) -log p_c = lse - x_c
+        smooth = nll_from_lse(lse[:, None], x) if w is None else nll_from_lse(lse[:, None], x) * w[:, None]
+        nll = (1.0 - ce.label_smoothing) * nll + (ce.label_smoothing / num_ch) * smooth.sum(1)
+    return (nll if mask is None else nll * mask).sum(), counted_weight(labels, mask, w, x)
+
+
+def counted_weight(
+    labels: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor | None, like: torch.Tensor
+) -> torch.Tensor:
+    """The summed class weights of the counted voxels (a mean CE's denominator over a label map, as torch's)."""
+    if weight is None and mask is None:
+        return as_count(labels.numel(), like)
+    acc = torch.promote_types(like.dtype, torch.float32)
+    wt = weight.to(device=labels.device, dtype=acc)[labels] if weight is not None else None
+    if mask is not None:
+        wt = mask.to(acc) if wt is None else wt * mask
+    assert wt is not None
+    return wt.sum().clamp_min(torch.finfo(acc).tiny)
+
+
+def focal_class_sums(
+    x: torch.Tensor, labels: torch.Tensor | None, target: torch.Tensor | None, mask: torch.Tensor | None,
+    focal: Focal,
+) -> torch.Tensor:  # fmt: skip
+    """The focal term's sums (B, C) over the counted voxels, in MONAI ``FocalLoss``'s sigmoid form (``focal.kind``
+    1, :func:`sigmoid_focal`, every element) or softmax form (2, :func:`softmax_focal`, the true class), in ``x``'s
+    float32-or-wider dtype. A label map is never one-hot encoded."""
+    x, c = wide(x), x.shape[1]
+    if labels is not None and focal.kind == 1:
+        return sigmoid_focal_label_sums(x, labels, mask, focal).to(x.dtype)
+    if labels is not None:
+        lp = -nll_from_lse(torch.logsumexp(x, 1), x.gather(1, labels[:, None]).squeeze(1))  # log p_t
+        per_voxel = softmax_focal(lp, labels, focal)
+        return class_sums(per_voxel if mask is None else per_voxel * mask, labels, c).to(x.dtype)
+    assert target is not None  # one of the two
+    t = target.to(x.dtype)
+    if focal.kind == 2:
+        per_element = softmax_focal(torch.log_softmax(x, 1), torch.arange(c, device=x.device)[:, None], focal) * t
+    else:
+        per_element = sigmoid_focal(x, t, focal)
+    return (per_element if mask is None else per_element * mask[:, None]).sum(-1)

@@ -6,14 +6,13 @@ loss of :mod:`monai_gdl_plus.losses` -- run these steps, configured by one optio
 
 1. :func:`prepare` -- the logits viewed as (B, C, N) once, the label map (ignored voxels mapped into range) or the
    dense target, the ignore mask, the kept channels, and every value check;
-2. :func:`per_class_terms` -- intersection ``I = sum(p * g)``, prediction sum ``P = sum(p)`` (or ``sum(p**2)``) and
-   target sum ``G = sum(g)`` per (sample, kept class), with the true volumes. The one place that chooses the route:
-   a label map with a softmax or sigmoid takes the fused one-hot-free route (:mod:`monai_gdl_plus._fused`, which sums
-   the cross-entropy and focal terms in the same pass), anything else the plain one (:func:`activate`, then
-   :func:`soft_terms`, through autograd);
-3. :func:`extra_terms` -- the cross-entropy (:func:`cross_entropy_term`) and focal (:func:`focal_sums`) terms as
-   sums and the denominators of their means, for what the fused route did not sum already; their class weights and
-   the Dice term's come from :func:`class_weights`;
+2. :func:`per_class_terms` -- every per-voxel sum: intersection ``I = sum(p * g)``, prediction sum ``P = sum(p)``
+   (or ``sum(p**2)``) and target sum ``G = sum(g)`` per (sample, kept class), the true volumes, and the cross-entropy
+   and focal sums. The one place that chooses the route: a label map with a softmax or sigmoid takes the fused
+   one-hot-free route (:mod:`monai_gdl_plus._fused`, CE and focal in the same pass), everything else the plain one
+   (``monai_gdl_plus._ops.plain_terms``, through autograd);
+3. :func:`extra_terms` -- the CE and focal terms as means (sums and denominators), class-weighted; the weights of
+   every term come from :func:`class_weights`;
 4. combine -- the batch (``batch``) and process (``sync_batch``) sums, one block for both losses, then
    :func:`dice_from_terms`, :func:`tversky_from_terms` or :func:`generalized_dice_from_terms`, plus ``lambda`` times
    each extra term;
@@ -21,8 +20,8 @@ loss of :mod:`monai_gdl_plus.losses` -- run these steps, configured by one optio
 
 The metric (:class:`~monai_gdl_plus.PerClassDice`) shares the label rules (:func:`label_map`,
 :func:`check_binary`, :func:`dense_ignore_mask`, :func:`check_label_range`), :func:`soft_terms` and the hard counts
-of :func:`label_terms`. The device policy, the value-check primitives, the class sums and the per-voxel formulas
-(focal, cross entropy) are defined once, in ``monai_gdl_plus._ops``.
+of :func:`label_terms`. The device policy, the value-check primitives, the class sums, the per-voxel formulas and the
+plain route's sums are defined once, in ``monai_gdl_plus._ops``: this module calls below it once per step.
 
 Forms (MONAI 1.6.1): with ``D = P + G``,
 Dice ``1 - (2I + smooth_nr) / (D + smooth_dr)``, Jaccard ``1 - (2I + smooth_nr) / (2(D - I) + smooth_dr)``,
@@ -35,26 +34,25 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple, TypeVar
 
 import torch
-import torch.nn.functional as F
 
 from monai_gdl_plus import _ops
 from monai_gdl_plus._fused import fused_label_terms
 from monai_gdl_plus._ops import (
     LOW_PRECISION,
+    NO_FOCAL,
+    CrossEntropy,
     Focal,
-    as_count,
+    SoftDice,
     autocast_off,
     checks_enabled,
-    class_sums,
-    nll_from_lse,
+    counted_weight,
     on_host,
-    sigmoid_focal,
-    sigmoid_focal_label_sums,
-    softmax_focal,
+    plain_terms,
+    soft_sums,
     value_check,
     wide,
 )
@@ -65,18 +63,15 @@ __all__ = [
     "Prepared",
     "Terms",
     "Weights",
-    "activate",
     "check_binary",
     "check_integer_labels",
     "check_label_range",
     "check_weight",
     "class_weights",
-    "cross_entropy_term",
     "dense_ignore_mask",
     "dice_from_terms",
     "dice_plus_loss",
     "extra_terms",
-    "focal_sums",
     "gdl_weights",
     "generalized_dice_from_terms",
     "generalized_dice_plus_loss",
@@ -129,13 +124,13 @@ class Terms(NamedTuple):
     Attributes:
         dice: :class:`DiceTerms` of the kept channels (B, C').
         volumes: the true volumes ``sum(g)`` of the kept channels (B, C'), the GDL weights' input.
-        nll: the fused route's summed, masked, class-weighted softmax NLL (0-d), or None.
-        focal: the fused route's focal sums of every channel (B, C), or None.
+        ce: the cross entropy as its sum over the counted voxels and its mean's denominator, or None without it.
+        focal: the focal term's sums over the counted voxels, every channel (B, C), or None without it.
     """
 
     dice: DiceTerms
     volumes: torch.Tensor
-    nll: torch.Tensor | None = None
+    ce: _Mean | None = None
     focal: torch.Tensor | None = None
 
 
@@ -430,13 +425,14 @@ def _kept_channels(num_ch: int, include_background: bool, ignore_index: int | No
 
 
 def per_class_terms(prep: Prepared, options: DiceOptions, weights: Weights | None = None) -> Terms:
-    """Step 2: the kept channels' Dice terms and true volumes; the one place that chooses the route.
+    """Step 2: every per-voxel sum the loss needs -- the kept channels' Dice terms and true volumes, and the CE and
+    focal sums -- from one of two routes; the one place that chooses.
 
     A label map with a softmax or sigmoid takes the fused route (``monai_gdl_plus._fused``: chunked, one-hot-free,
-    with an analytic in-place backward, a custom op under ``torch.compile``), which also sums the softmax CE
-    (``lambda_ce`` > 0 without label smoothing) and the focal term (``lambda_focal`` > 0) in the same pass. Anything
-    else (a dense target, ``other_act``, no activation) takes the plain route: :func:`activate`, then
-    :func:`soft_terms`, through autograd. ``weights``: :func:`class_weights` (the fused CE's class weights).
+    with an analytic in-place backward, a custom op under ``torch.compile``), which sums the softmax CE (without
+    label smoothing) and the focal term in the same pass. Anything else -- a dense target, ``other_act``, no
+    activation, and the extra terms the fused pass does not take -- is summed by the plain route
+    (``monai_gdl_plus._ops.plain_terms``, through autograd). ``weights``: :func:`class_weights` (the CE's).
 
     Examples:
         >>> import torch
@@ -447,13 +443,21 @@ def per_class_terms(prep: Prepared, options: DiceOptions, weights: Weights | Non
         >>> per_class_terms(prepare(x, y, o), o).dice
         DiceTerms(intersection=tensor([[1.5000, 0.5000]]), pred_sum=tensor([[2., 2.]]), target_sum=tensor([[3., 1.]]))
     """
-    sigmoid, softmax = _activation(options, prep.logits.shape[1])
+    o, x = options, prep.logits
+    sigmoid, softmax = _activation(o, x.shape[1])
+    focal = _focal_spec(o, x.shape[1])
+    ce_w = None if weights is None else weights.ce
+    ce = CrossEntropy(o.sigmoid, ce_w, o.label_smoothing) if o.lambda_ce > 0 else None
+    fused = None
     if prep.labels is not None and (softmax or sigmoid) and _ops.FUSED_ROUTE:
-        return _fused_terms(prep, options, softmax, None if weights is None else weights.ce)
-    probs = activate(prep.logits, sigmoid, softmax, options.other_act)
-    terms, vol = soft_terms(probs, labels=prep.labels, target=prep.target, mask=prep.mask,
-                            squared=options.squared_pred, soft_label=options.soft_label)  # fmt: skip
-    return Terms(*_select(terms, vol, prep.keep))
+        fused, ce, focal = _fused_terms(prep, o, softmax, ce, focal)
+    dice = None if fused else SoftDice(sigmoid, softmax, o.other_act, o.squared_pred, o.soft_label)
+    sums, ce_sums, focal_sums = plain_terms(x, prep.labels, prep.target, prep.mask, dice=dice, ce=ce, focal=focal)
+    if fused is None:
+        assert sums is not None  # asked for
+        fused = Terms(*_select(DiceTerms(*sums[:3]), sums[3], prep.keep))
+    ce_mean = fused.ce if ce_sums is None else _Mean(*ce_sums)
+    return Terms(fused.dice, fused.volumes, ce_mean, fused.focal if focal_sums is None else focal_sums)
 
 
 def _activation(o: DiceOptions, num_ch: int) -> tuple[bool, bool]:
@@ -473,39 +477,25 @@ def _focal_spec(o: DiceOptions, num_ch: int) -> Focal:
     return Focal((2 if o.focal_softmax else 1) if o.lambda_focal > 0 else 0, o.gamma, alpha)
 
 
-def _fused_terms(prep: Prepared, o: DiceOptions, softmax: bool, ce_weight: torch.Tensor | None) -> Terms:
+def _fused_terms(
+    prep: Prepared, o: DiceOptions, softmax: bool, ce: CrossEntropy | None, focal: Focal
+) -> tuple[Terms, CrossEntropy | None, Focal]:
+    """The fused route's terms, and the CE and focal terms it leaves to the plain route (a CE under a sigmoid or
+    with label smoothing, the softmax-form focal term under a sigmoid)."""
     assert prep.labels is not None  # the route's condition
     x = prep.logits
-    focal = _focal_spec(o, x.shape[1])
-    fuse_ce = o.lambda_ce > 0 and softmax and o.label_smoothing == 0
-    if focal.kind == 2 and not softmax:  # the softmax form under a sigmoid: left to the plain focal_sums
-        focal = Focal(0, o.gamma, focal.alpha)
+    fuse_ce = ce is not None and softmax and ce.label_smoothing == 0
+    fuse_focal = focal.kind == 1 or (focal.kind == 2 and softmax)
     acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 logits: weights and sums in float32
-    ce_w = None if ce_weight is None or not fuse_ce else ce_weight.to(device=x.device, dtype=acc)
+    ce_w = None if ce is None or ce.weight is None or not fuse_ce else ce.weight.to(device=x.device, dtype=acc)
     inter, psum, tsum, nll, fsum = fused_label_terms(
         x, prep.labels, prep.mask, softmax=softmax, squared=o.squared_pred, ce_weight=ce_w, with_ce=fuse_ce,
-        focal=focal,
+        focal=focal if fuse_focal else Focal(0, focal.gamma, focal.alpha),
     )  # fmt: skip
-    terms, vol = _select(DiceTerms(inter, psum, tsum), tsum, prep.keep)
-    return Terms(terms, vol, nll if fuse_ce else None, fsum if focal.kind else None)
-
-
-def activate(
-    input: torch.Tensor, sigmoid: bool = False, softmax: bool = False, other_act: Callable | None = None
-) -> torch.Tensor:
-    """Apply the activation along the channel axis (dim 1); fp16/bf16 inputs are computed in float32.
-
-    With one channel, ``softmax=True`` is ignored with a warning (as MONAI does).
-    """
-    x = wide(input)
-    if sigmoid:
-        return torch.sigmoid(x)
-    if softmax:
-        if input.shape[1] == 1:
-            warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
-            return x
-        return torch.softmax(x, 1)
-    return x if other_act is None else wide(other_act(x))
+    ce_mean = _Mean(nll, counted_weight(prep.labels, prep.mask, ce_w, x)) if fuse_ce else None
+    dice, vol = _select(DiceTerms(inter, psum, tsum), tsum, prep.keep)
+    terms = Terms(dice, vol, ce_mean, fsum if fuse_focal else None)
+    return terms, None if fuse_ce else ce, NO_FOCAL if fuse_focal else focal
 
 
 def soft_terms(
@@ -553,55 +543,15 @@ def soft_terms(
     b, num_ch = p.shape[:2]
     p = wide(p).reshape(b, num_ch, -1)
     m = None if mask is None else plain_tensor(mask).reshape(b, -1).to(p.dtype)
+    lab = None if labels is None else plain_tensor(labels).reshape(b, -1).long()
+    dense = None if target is None else plain_tensor(target).reshape(b, num_ch, -1).to(p.dtype)
     with autocast_off(p.device):
-        if labels is not None:
-            return _label_soft_terms(p, plain_tensor(labels).reshape(b, -1).long(), m, squared)
-        assert target is not None  # exactly one of the two
-        return _dense_terms(p, plain_tensor(target).reshape(b, num_ch, -1).to(p.dtype), m, squared, soft_label)
-
-
-def _label_soft_terms(
-    probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, squared: bool
-) -> tuple[DiceTerms, torch.Tensor]:
-    num_ch = probs.shape[1]
-    true_p = probs.gather(1, labels[:, None]).squeeze(1)  # (B, N): probability of the true class
-    if mask is not None:
-        true_p = true_p * mask
-    inter = class_sums(true_p, labels, num_ch).to(probs.dtype)
-    tsum = class_sums(mask, labels, num_ch).to(probs.dtype)  # mask None: voxel counts
-    q = probs * probs if squared else probs
-    # element-wise, not einsum: a matmul's backward would run in float16 where backward is called under autocast
-    psum = q.sum(-1) if mask is None else (q * mask[:, None]).sum(-1)
-    return DiceTerms(inter, psum, tsum), tsum
-
-
-def _dense_terms(
-    probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, squared: bool, soft_label: bool
-) -> tuple[DiceTerms, torch.Tensor]:
-    """The terms and the volumes ``sum(g)`` of a dense target (which differ from G only for squared soft labels)."""
-    if mask is not None:
-        probs = probs * mask[:, None]
-        target = target * mask[:, None]
-    if soft_label and not squared:
-        # MONAI's soft-label form (Wang et al. 2023): I = (|p|_1 + |g|_1 - |p - g|_1) / 2
-        psum = probs.abs().sum(-1)
-        tsum = target.abs().sum(-1)
-        inter = (psum + tsum - (probs - target).abs().sum(-1)) / 2
-        vol = target.sum(-1)
-        return DiceTerms(inter, psum, tsum), vol
-    inter = (probs * target).sum(-1)
-    if squared:
-        psum = (probs * probs).sum(-1)
-        tsum = (target * target).sum(-1)
-        vol = target.sum(-1) if soft_label else tsum
-    else:
-        psum = probs.sum(-1)
-        tsum = vol = target.sum(-1)
+        inter, psum, tsum, vol = soft_sums(p, lab, dense, m, squared, soft_label)
     return DiceTerms(inter, psum, tsum), vol
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# step 3: class weights and the per-voxel extra terms (cross entropy, focal)
+# step 3: class weights and the extra terms (cross entropy, focal) as means
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -632,158 +582,22 @@ def class_weights(
 
 
 def extra_terms(prep: Prepared, terms: Terms, options: DiceOptions, weights: Weights) -> list[tuple[float, _Mean]]:
-    """Step 3: the CE and focal terms as ``(lambda, (sum, denominator))`` pairs (none without them), taking what the
-    fused route summed already (``terms.nll``, ``terms.focal``) and computing the rest from the logits."""
+    """Step 3: the CE and focal terms of ``terms`` as ``(lambda, (sum, denominator))`` pairs (none without them),
+    the focal term of the kept channels, class-weighted and reduced as MONAI's ``FocalLoss`` reduces it: ``"mean"``
+    over every (sample, class, counted voxel), ``"sum"`` the sum of the per-(sample, class) means over voxels."""
     o, extras = options, []
-    if o.lambda_ce > 0:
-        if terms.nll is not None:
-            ce = _Mean(terms.nll, _ce_count(prep, weights.ce))
+    if terms.ce is not None:
+        extras.append((o.lambda_ce, terms.ce))
+    if terms.focal is not None:
+        sums, count = _take_channels(terms.focal, prep.keep, 1), _voxel_counts(prep)
+        if weights.focal is not None:
+            sums = sums * weights.focal.to(sums)
+        if o.reduction == "sum":  # per-sample means: their sum is what processes add up
+            focal = _Mean((sums / count[:, None].clamp_min(1.0)).sum(), count.sum())
         else:
-            ce = _cross_entropy_parts(prep, o.sigmoid, weights.ce, o.label_smoothing)
-        extras.append((o.lambda_ce, ce))
-    if o.lambda_focal > 0:
-        sums = terms.focal
-        if sums is None:
-            sums = _focal_label_or_dense(prep, _focal_spec(o, prep.logits.shape[1]))
-        count = _voxel_counts(prep)
-        extras.append((o.lambda_focal, _focal_parts(_take_channels(sums, prep.keep, 1), count, weights.focal,
-                                                    o.reduction)))  # fmt: skip
+            focal = _Mean(sums.sum(), (count.sum() * sums.shape[1]).clamp_min(1.0))
+        extras.append((o.lambda_focal, focal))
     return extras
-
-
-def cross_entropy_term(
-    prep: Prepared,
-    *,
-    sigmoid: bool = False,
-    class_weight: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Cross entropy (softmax) or per-channel BCE-with-logits (``sigmoid``, or one channel) of the prepared logits,
-    ignored voxels left out; ``class_weight`` is CE's ``weight`` (C,) or BCE's ``pos_weight``. ``"mean"`` as
-    ``F.cross_entropy`` (over the class weights of the counted voxels), ``"sum"`` the sum.
-
-    Examples:
-        >>> import torch
-        >>> import torch.nn.functional as F
-        >>> from monai_gdl_plus.functional import cross_entropy_term, prepare
-        >>> from monai_gdl_plus.options import DiceOptions
-        >>> x, y = torch.randn(2, 3, 5), torch.randint(0, 3, (2, 1, 5))
-        >>> prep = prepare(x, y, DiceOptions(to_onehot_y=True))
-        >>> torch.allclose(cross_entropy_term(prep), F.cross_entropy(x, y[:, 0]))
-        True
-    """
-    return _cross_entropy_parts(prep, sigmoid, class_weight, label_smoothing).value(reduction)
-
-
-def _cross_entropy_parts(
-    prep: Prepared, sigmoid: bool, class_weight: torch.Tensor | None, label_smoothing: float
-) -> _Mean:
-    x = wide(prep.logits)
-    w = None if class_weight is None else class_weight.to(x)
-    if sigmoid or x.shape[1] == 1:
-        return _bce_parts(x, prep, w)
-    if prep.labels is not None:
-        return _Mean(_label_map_ce(x, prep.labels, prep.mask, w, label_smoothing).sum(), _ce_count(prep, w))
-    ce = F.cross_entropy(x, _dense(prep), weight=w, label_smoothing=label_smoothing, reduction="none")
-    if prep.mask is None:  # probability targets: the mean is over voxels, whatever the weights
-        return _Mean(ce.sum(), as_count(ce.numel(), ce))
-    return _Mean((ce * prep.mask).sum(), prep.mask.sum().clamp_min(1.0))
-
-
-def _dense(prep: Prepared) -> torch.Tensor:
-    """The dense target of a :class:`Prepared` (callers have checked that it is not a label map)."""
-    if prep.target is None:
-        raise ValueError("expected a dense (one-hot) target, got a label map.")
-    return prep.target
-
-
-def _label_map_ce(
-    x: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, w: torch.Tensor | None, label_smoothing: float
-) -> torch.Tensor:
-    """Per-voxel softmax cross entropy (B, N) of logits (B, C, N) against labels (B, N), as
-    ``F.cross_entropy(..., reduction="none")`` with ``weight`` and ``label_smoothing``, masked.
-
-    Written from the log-sum-exp rather than ``F.cross_entropy``: its ``nll_loss`` has no deterministic CUDA
-    kernel, so ``torch.use_deterministic_algorithms(True)`` would make it raise there.
-    """
-    lse = torch.logsumexp(x, 1)
-    nll = nll_from_lse(lse, x.gather(1, labels[:, None]).squeeze(1))
-    if w is not None:
-        nll = nll * w[labels]
-    if label_smoothing > 0:  # sum over classes of (weighted) -log p_c = lse - x_c
-        smooth = nll_from_lse(lse[:, None], x) if w is None else nll_from_lse(lse[:, None], x) * w[:, None]
-        nll = (1.0 - label_smoothing) * nll + (label_smoothing / x.shape[1]) * smooth.sum(1)
-    return nll if mask is None else nll * mask
-
-
-def _ce_count(prep: Prepared, weight: torch.Tensor | None) -> torch.Tensor:
-    """Denominator of a mean CE over a label map: the summed class weights of the counted voxels (as torch)."""
-    assert prep.labels is not None  # a label-map target
-    if weight is None and prep.mask is None:
-        return as_count(prep.labels.numel(), prep.logits)
-    acc = torch.promote_types(prep.logits.dtype, torch.float32)
-    wt = weight.to(device=prep.labels.device, dtype=acc)[prep.labels] if weight is not None else None
-    if prep.mask is not None:
-        wt = prep.mask.to(acc) if wt is None else wt * prep.mask
-    assert wt is not None
-    return wt.sum().clamp_min(torch.finfo(acc).tiny)
-
-
-def _bce_parts(x: torch.Tensor, prep: Prepared, pos_weight: torch.Tensor | None) -> _Mean:
-    """Per-channel BCE-with-logits ``pw*g*softplus(-x) + (1-g)*softplus(x)``; a label map is gathered, not one-hot."""
-    pw = None if pos_weight is None else pos_weight.reshape(-1, 1) if pos_weight.ndim else pos_weight
-    if prep.labels is not None:
-        x_true = x.gather(1, prep.labels[:, None]).squeeze(1)
-        pw_true = 1.0 if pw is None else pw.reshape(-1)[prep.labels] if pw.ndim else pw
-        per_voxel = F.softplus(x).sum(1) + pw_true * F.softplus(-x_true) - F.softplus(x_true)
-    else:
-        per_voxel = F.binary_cross_entropy_with_logits(x, _dense(prep), pos_weight=pw, reduction="none").sum(1)
-    num_ch = x.shape[1]
-    if prep.mask is not None:
-        return _Mean((per_voxel * prep.mask).sum(), (prep.mask.sum() * num_ch).clamp_min(1.0))
-    return _Mean(per_voxel.sum(), as_count(per_voxel.numel() * num_ch, per_voxel))
-
-
-def focal_sums(
-    prep: Prepared, *, gamma: float = 2.0, alpha: float | None = None, softmax: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Focal loss (Lin et al. 2017) of the prepared logits summed per (sample, class) over the counted voxels, and
-    the number of counted voxels per sample, in MONAI ``FocalLoss``'s forms (``_ops.sigmoid_focal``: per element,
-    the default; ``_ops.softmax_focal``: the true class only, ``softmax``). A label map is never one-hot encoded.
-
-    Returns:
-        (B, C) sums and (B,) counts, float32 or wider.
-
-    Examples:
-        >>> import torch
-        >>> from monai.losses import FocalLoss
-        >>> from monai_gdl_plus.functional import focal_sums, prepare
-        >>> from monai_gdl_plus.options import DiceOptions
-        >>> x, y = torch.randn(2, 3, 5), torch.randint(0, 3, (2, 1, 5))
-        >>> sums, count = focal_sums(prepare(x, y, DiceOptions(to_onehot_y=True)))
-        >>> torch.allclose(sums.sum() / (count.sum() * 3), FocalLoss(to_onehot_y=True)(x, y))
-        True
-    """
-    return _focal_label_or_dense(prep, Focal(2 if softmax else 1, gamma, alpha)), _voxel_counts(prep)
-
-
-def _focal_label_or_dense(prep: Prepared, focal: Focal) -> torch.Tensor:
-    """The plain route's focal sums (B, C): ``focal.kind`` 1 the sigmoid form, 2 the softmax form."""
-    x, m, c = wide(prep.logits), prep.mask, prep.logits.shape[1]
-    softmax = focal.kind == 2
-    if prep.labels is not None and not softmax:
-        return sigmoid_focal_label_sums(x, prep.labels, m, focal).to(x.dtype)
-    if prep.labels is not None:
-        lp = -nll_from_lse(torch.logsumexp(x, 1), x.gather(1, prep.labels[:, None]).squeeze(1))  # log p_t
-        per_voxel = softmax_focal(lp, prep.labels, focal)
-        return class_sums(per_voxel if m is None else per_voxel * m, prep.labels, c).to(x.dtype)
-    t = _dense(prep).to(x.dtype)
-    if softmax:
-        per_element = softmax_focal(torch.log_softmax(x, 1), torch.arange(c, device=x.device)[:, None], focal) * t
-    else:
-        per_element = sigmoid_focal(x, t, focal)
-    return (per_element if m is None else per_element * m[:, None]).sum(-1)
 
 
 def _voxel_counts(prep: Prepared) -> torch.Tensor:
@@ -793,16 +607,6 @@ def _voxel_counts(prep: Prepared) -> torch.Tensor:
     if prep.mask is None:
         return torch.full((x.shape[0],), x.shape[-1], dtype=acc, device=x.device)
     return prep.mask.sum(-1).to(acc)
-
-
-def _focal_parts(sums: torch.Tensor, count: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> _Mean:
-    """The focal term as MONAI's ``FocalLoss`` reduces it: ``"mean"`` over every (sample, class, counted voxel);
-    ``"sum"`` the sum of the per-(sample, class) means over voxels. ``weight`` multiplies each class."""
-    if weight is not None:
-        sums = sums * weight.to(sums)
-    if reduction == "sum":  # per-sample means: their sum is what processes add up
-        return _Mean((sums / count[:, None].clamp_min(1.0)).sum(), count.sum())
-    return _Mean(sums.sum(), (count.sum() * sums.shape[1]).clamp_min(1.0))
 
 
 # --------------------------------------------------------------------------------------------------------------------
