@@ -31,6 +31,9 @@ activation from the logits into the buffer it returns as the gradient (one more 
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -81,9 +84,8 @@ def _forward_chunks(
     other per-voxel quantity lives for one chunk.
     """
     b, c, n = x.shape
-    dev = x.device
-    host = on_host(dev)
-    blocked = not host
+    dev, blocked = x.device, not on_host(x.device)
+    zeros = functools.partial(torch.zeros, dtype=torch.float64, device=dev)
     tsum = class_sums(mask, labels, c, blocked)  # before the big buffer: its float64 copy of the mask is freed
     # the sigmoid-form focal term needs only the logits: summed before the big buffer exists, so that its
     # chunk temporaries add nothing to the peak
@@ -91,53 +93,78 @@ def _forward_chunks(
     e = torch.empty((b, c, n), dtype=dtype, device=dev)
     r = torch.empty((b, n), dtype=dtype, device=dev) if softmax else None
     pt = torch.empty((b, 1, n), dtype=dtype, device=dev)  # the true class's probability
-    inter, psum = (torch.zeros((b, c), dtype=torch.float64, device=dev) for _ in range(2))
-    nll = torch.zeros((), dtype=torch.float64, device=dev)
-    fsum = torch.zeros((b, c), dtype=torch.float64, device=dev) if fsum is None else fsum
-    unshifted = host and dtype in _SAFE_SUM_LOG2  # a range check is free only on the host
-    bound = 2.0 ** _SAFE_SUM_LOG2.get(dtype, 0)
+    # the float64 accumulators: intersection, prediction sum, NLL, focal sums
+    sums = _Sums(zeros((b, c)), zeros((b, c)), zeros(()), zeros((b, c)) if fsum is None else fsum)
+    # a range check is free only on the host: elsewhere the softmax always subtracts the max
+    exp = _Exp(not blocked and dtype in _SAFE_SUM_LOG2, 2.0 ** _SAFE_SUM_LOG2.get(dtype, 0),
+               torch.ones((b, 1, c), dtype=dtype, device=dev))  # fmt: skip
     step = chunk_voxels(e)
-    ones = torch.ones((b, 1, c), dtype=dtype, device=dev)  # sums over classes as a gemv: faster than sum(1)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         xc, ec, lab = x[:, :, lo:hi].to(dtype), e[:, :, lo:hi], labels[:, None, lo:hi]  # fp16: exp in float32
         mc = None if mask is None else mask[:, None, lo:hi]
-        if not softmax:
-            torch.sigmoid(xc, out=ec)
-            tp = torch.gather(ec, 1, lab, out=pt[:, :, lo:hi])
-            wv = mc
-        else:
-            shift = None
-            if unshifted:
-                torch.exp(xc, out=ec)
-                tot = torch.bmm(ones, ec)
-                lo_tot, hi_tot = torch.aminmax(tot)
-                if not (1.0 / bound <= float(lo_tot) and float(hi_tot) <= bound):  # NaN fails too
-                    unshifted = False  # the rest of the volume likely has such logits too
-            if not unshifted:
-                shift = xc.amax(1, keepdim=True)
-                torch.sub(xc, shift, out=ec)
-                ec.exp_()
-                tot = torch.bmm(ones, ec)
+        if softmax:
             assert r is not None  # allocated for the softmax
-            rc = torch.reciprocal(tot, out=r[:, None, lo:hi])
-            tp = torch.gather(ec, 1, lab, out=pt[:, :, lo:hi]).mul_(rc)
-            wv = rc * rc if squared else rc
-            wv = wv if mc is None else wv * mc
-            if with_ce or focal.kind == 2:  # -log p_t = lse - x_t, lse = s + log(sum_c e)
-                lse = tot.log_() if shift is None else tot.log_().add_(shift)
-                nlp = nll_from_lse(lse, xc.gather(1, lab))
-            if with_ce:
-                cw = mc if ce_weight is None else ce_weight[lab] if mc is None else ce_weight[lab] * mc
-                nll += (nlp if cw is None else nlp * cw).sum(dtype=torch.float64)
-            if focal.kind == 2:
-                fv = softmax_focal(-nlp, lab, focal)
-                fsum += class_sums((fv if mc is None else fv * mc).squeeze(1), lab.squeeze(1), c, blocked)
-
+            exp, tp, wv = _softmax_chunk(xc, ec, lab, mc, r[:, None, lo:hi], pt[:, :, lo:hi], exp, sums,
+                                         ce_weight, squared, with_ce, focal, blocked)  # fmt: skip
+        else:
+            torch.sigmoid(xc, out=ec)
+            tp, wv = torch.gather(ec, 1, lab, out=pt[:, :, lo:hi]), mc
         qc = ec * ec if squared else ec
-        psum += qc.sum(-1) if wv is None else torch.bmm(wv, qc.transpose(1, 2)).squeeze(1)
-        inter += class_sums((tp if mc is None else tp * mc).squeeze(1), lab.squeeze(1), c, blocked)
-    return e, r, pt.squeeze(1), inter.to(dtype), psum.to(dtype), tsum.to(dtype), nll.to(dtype), fsum.to(dtype)
+        sums.psum.add_(qc.sum(-1) if wv is None else torch.bmm(wv, qc.transpose(1, 2)).squeeze(1))
+        sums.inter.add_(class_sums((tp if mc is None else tp * mc).squeeze(1), lab.squeeze(1), c, blocked))
+    out = (sums.inter, sums.psum, tsum, sums.nll, sums.focal)
+    return (e, r, pt.squeeze(1), *(t.to(dtype) for t in out))
+
+
+class _Sums(NamedTuple):
+    """The forward's float64 accumulators, added to in place chunk by chunk."""
+
+    inter: torch.Tensor
+    psum: torch.Tensor
+    nll: torch.Tensor
+    focal: torch.Tensor
+
+
+class _Exp(NamedTuple):
+    """How the softmax takes its exponentials: ``unshifted`` (no max pass) while every voxel's sum of exponentials
+    has stayed inside [1 / bound, bound]; ``ones`` (B, 1, C) sums over classes as a gemv (faster than sum(1))."""
+
+    unshifted: bool
+    bound: float
+    ones: torch.Tensor
+
+
+def _softmax_chunk(xc, ec, lab, mc, rc, ptc, exp: _Exp, sums: _Sums, ce_weight, squared, with_ce, focal, blocked):
+    """One chunk of the softmax: ``ec`` = the exponentials, ``rc`` = their reciprocal sum, ``ptc`` = the true class's
+    probability, and the chunk's NLL and softmax-form focal sums added to ``sums``. Returns the (possibly switched)
+    :class:`_Exp`, ``p_t`` and the per-voxel weight of the prediction sum (``r`` or ``r**2``, masked)."""
+    shift = None
+    if exp.unshifted:
+        torch.exp(xc, out=ec)
+        tot = torch.bmm(exp.ones, ec)
+        lo_tot, hi_tot = torch.aminmax(tot)
+        if not (1.0 / exp.bound <= float(lo_tot) and float(hi_tot) <= exp.bound):  # NaN fails too
+            exp = _Exp(False, exp.bound, exp.ones)  # the rest of the volume likely has such logits too
+    if not exp.unshifted:
+        shift = xc.amax(1, keepdim=True)
+        torch.sub(xc, shift, out=ec)
+        ec.exp_()
+        tot = torch.bmm(exp.ones, ec)
+    torch.reciprocal(tot, out=rc)
+    tp = torch.gather(ec, 1, lab, out=ptc).mul_(rc)
+    wv = rc * rc if squared else rc
+    if with_ce or focal.kind == 2:  # -log p_t = lse - x_t, lse = s + log(sum_c e)
+        lse = tot.log_() if shift is None else tot.log_().add_(shift)
+        nlp = nll_from_lse(lse, xc.gather(1, lab))
+        if with_ce:
+            cw = mc if ce_weight is None else ce_weight[lab] if mc is None else ce_weight[lab] * mc
+            sums.nll.add_((nlp if cw is None else nlp * cw).sum(dtype=torch.float64))
+        if focal.kind == 2:
+            fv = softmax_focal(-nlp, lab, focal)
+            sums.focal.add_(class_sums((fv if mc is None else fv * mc).squeeze(1), lab.squeeze(1), ec.shape[1],
+                                       blocked))  # fmt: skip
+    return exp, tp, wv if mc is None else wv * mc
 
 
 class _FusedLabelTerms(torch.autograd.Function):
@@ -286,7 +313,6 @@ def _backward_in_place(
         corr.sub_(ce_v if mask is None else ce_v * mask)
     n = e.shape[-1]
     step = max(1, chunk_voxels(e) // 4)  # quarter-size chunks: the backward's temporaries are what sets the peak
-    beta = g_psum[:, :, None]
     g_focal = None if not focal.kind else _zeros_if_none(g_focal, e[:, :, 0]).to(e.dtype)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
@@ -294,35 +320,44 @@ def _backward_in_place(
         mc = None if mask is None else mask[:, None, lo:hi]
         gf_t = None if g_focal is None else g_focal.gather(1, lab.squeeze(1))[:, None]  # the true class's
         if softmax:
-            rc = r[:, None, lo:hi]
-            if focal.kind == 2:
-                lp = torch.gather(ec, 1, lab).mul_(rc).clamp_min_(torch.finfo(e.dtype).tiny).log_()
-                dv = softmax_focal_grad(lp, lab, focal).mul_(gf_t)
-                kc.add_(dv if mc is None else dv * mc)
-            u = rc if mc is None else rc * mc
-            if squared:
-                hq = ec * (2.0 * beta)  # gP_c h(p_c) / r
-                w = (hq * ec).sum(1, keepdim=True).mul_(u * rc)  # u sum_k p_k gP_k h(p_k) / r
-                factor = hq.mul_(u * rc)
-            else:
-                w = torch.bmm(g_psum[:, None, :], ec).mul_(u)  # u sum_k p_k gP_k / r
-            w.add_(kc).mul_(rc)
-            factor = factor.sub_(w) if squared else torch.addcmul(w.neg_(), beta, u)
+            assert r is not None
+            ec.mul_(_softmax_chunk_factor(ec, lab, kc, mc, r[:, None, lo:hi], g_psum, squared, gf_t, focal))
         else:
-            hq = ec * (2.0 * beta) if squared else beta
+            hq = ec * (2.0 * g_psum[:, :, None]) if squared else g_psum[:, :, None]
             factor = (1.0 - ec) * hq
-            if mc is not None:
-                factor = factor * mc
-        ec.mul_(factor)
+            ec.mul_(factor if mc is None else factor * mc)
         if focal.kind == 1:
-            xc = x[:, :, lo:hi].to(e.dtype)
-            dense = sigmoid_focal_grad(xc, 0.0, focal).mul_(g_focal[:, :, None])
-            ec.add_(dense if mc is None else dense.mul_(mc))
-            xt = xc.gather(1, lab)
-            fix = sigmoid_focal_grad(xt, 1.0, focal).sub_(sigmoid_focal_grad(xt, 0.0, focal))
-            kc.add_(fix.mul_(gf_t) if mc is None else fix.mul_(gf_t).mul_(mc))
+            assert g_focal is not None and gf_t is not None
+            _add_sigmoid_focal_grad(ec, kc, x[:, :, lo:hi].to(e.dtype), lab, mc, g_focal, gf_t, focal)
         ec.scatter_add_(1, lab, kc)
     return e
+
+
+def _softmax_chunk_factor(ec, lab, kc, mc, rc, g_psum, squared, gf_t, focal):
+    """The factor that turns one chunk's exponentials ``ec`` into the softmax part of dL/dx,
+    ``e_c (gP_c h(p_c) u - w)``; the softmax-form focal term's true-class part added to ``kc`` first."""
+    if focal.kind == 2:
+        lp = torch.gather(ec, 1, lab).mul_(rc).clamp_min_(torch.finfo(ec.dtype).tiny).log_()
+        dv = softmax_focal_grad(lp, lab, focal).mul_(gf_t)
+        kc.add_(dv if mc is None else dv * mc)
+    u = rc if mc is None else rc * mc
+    beta = g_psum[:, :, None]
+    if squared:
+        hq = ec * (2.0 * beta)  # gP_c h(p_c) / r
+        w = (hq * ec).sum(1, keepdim=True).mul_(u * rc)  # u sum_k p_k gP_k h(p_k) / r
+        return hq.mul_(u * rc).sub_(w.add_(kc).mul_(rc))
+    w = torch.bmm(g_psum[:, None, :], ec).mul_(u)  # u sum_k p_k gP_k / r
+    return torch.addcmul(w.add_(kc).mul_(rc).neg_(), beta, u)
+
+
+def _add_sigmoid_focal_grad(ec, kc, xc, lab, mc, g_focal, gf_t, focal) -> None:
+    """The sigmoid-form focal term's gradient, a function of the logits ``xc`` themselves: every element's negative
+    part added to ``ec``, the true class's (positive minus negative) part to ``kc``."""
+    dense = sigmoid_focal_grad(xc, 0.0, focal).mul_(g_focal[:, :, None])
+    ec.add_(dense if mc is None else dense.mul_(mc))
+    xt = xc.gather(1, lab)
+    fix = sigmoid_focal_grad(xt, 1.0, focal).sub_(sigmoid_focal_grad(xt, 0.0, focal))
+    kc.add_(fix.mul_(gf_t) if mc is None else fix.mul_(gf_t).mul_(mc))
 
 
 def fused_label_terms(
