@@ -117,38 +117,46 @@ class DiceOptions:
     validate: bool = False
 
     def __post_init__(self) -> None:
-        def put(name: str, value: object) -> None:
-            object.__setattr__(self, name, value)
+        self._check_values()
+        self._check_combinations()
 
+    def _put(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)  # frozen: the checked, normalised value replaces the given one
+
+    def _check_values(self) -> None:
+        """Each option on its own: its type, its range, its normalised form."""
         if self.other_act is not None and not callable(self.other_act):
             raise TypeError(f"`other_act` must be None or callable, got {type(self.other_act).__name__}.")
-        if int(bool(self.sigmoid)) + int(bool(self.softmax)) + int(self.other_act is not None) > 1:
-            raise ValueError(
-                "`sigmoid`, `softmax` and `other_act` are mutually exclusive: got "
-                f"sigmoid={self.sigmoid}, softmax={self.softmax}, other_act={self.other_act!r}."
-            )
         for f in dataclasses.fields(self):
             if f.type == "bool":
-                put(f.name, bool(getattr(self, f.name)))
-        put("reduction", check_option("reduction", self.reduction, REDUCTIONS))
+                self._put(f.name, bool(getattr(self, f.name)))
+        self._put("reduction", check_option("reduction", self.reduction, REDUCTIONS))
         for name in ("smooth_nr", "smooth_dr", "lambda_dice", "lambda_ce", "lambda_focal", "gamma"):
-            put(name, _number(name, getattr(self, name)))
-        put("label_smoothing", _number("label_smoothing", self.label_smoothing, 0.0, 1.0))
+            self._put(name, _number(name, getattr(self, name)))
+        self._put("label_smoothing", _number("label_smoothing", self.label_smoothing, 0.0, 1.0))
         ii = self.ignore_index
         if ii is not None and (isinstance(ii, bool) or not isinstance(ii, int)):
             raise TypeError(f"`ignore_index` must be an int or None, got {ii!r}.")
         if self.tversky is not None:
             if not isinstance(self.tversky, Sequence) or isinstance(self.tversky, str) or len(self.tversky) != 2:
                 raise TypeError(f"`tversky` must be None or a pair (alpha, beta), got {self.tversky!r}.")
-            put("tversky", (_number("tversky[0] (alpha)", self.tversky[0]), _number("tversky[1] (beta)",
-                                                                                   self.tversky[1])))  # fmt: skip
-            if self.jaccard or self.squared_pred:
-                raise ValueError(
-                    "`tversky` replaces the Dice ratio and needs the linear sums: it cannot be combined with "
-                    f"jaccard={self.jaccard} or squared_pred={self.squared_pred}."
-                )
+            alpha, beta = self.tversky
+            self._put("tversky", (_number("tversky[0] (alpha)", alpha), _number("tversky[1] (beta)", beta)))
         if self.focal_alpha is not None:
-            put("focal_alpha", _number("focal_alpha", self.focal_alpha, 0.0, 1.0))
+            self._put("focal_alpha", _number("focal_alpha", self.focal_alpha, 0.0, 1.0))
+
+    def _check_combinations(self) -> None:
+        """Options that exclude or need one another."""
+        if int(self.sigmoid) + int(self.softmax) + int(self.other_act is not None) > 1:
+            raise ValueError(
+                "`sigmoid`, `softmax` and `other_act` are mutually exclusive: got "
+                f"sigmoid={self.sigmoid}, softmax={self.softmax}, other_act={self.other_act!r}."
+            )
+        if self.tversky is not None and (self.jaccard or self.squared_pred):
+            raise ValueError(
+                "`tversky` replaces the Dice ratio and needs the linear sums: it cannot be combined with "
+                f"jaccard={self.jaccard} or squared_pred={self.squared_pred}."
+            )
         if self.sync_batch and not self.batch:
             raise ValueError(
                 "`sync_batch=True` sums the batch terms over every process and needs `batch=True`, got batch=False."
@@ -187,13 +195,13 @@ class GeneralizedDiceOptions(DiceOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "w_type", check_option("w_type", self.w_type, W_TYPES))
+        self._put("w_type", check_option("w_type", self.w_type, W_TYPES))
         aw = self.absent_weight
         if isinstance(aw, bool):
             raise TypeError(f"`absent_weight` must be 'max', 'zero' or a float, got {aw!r}.")
         if isinstance(aw, (int, float)):
             if not aw >= 0 or aw == float("inf"):
                 raise ValueError(f"`absent_weight` as a number must be finite and >= 0, got {aw!r}.")
-            object.__setattr__(self, "absent_weight", float(aw))
+            self._put("absent_weight", float(aw))
         else:
-            object.__setattr__(self, "absent_weight", check_option("absent_weight", aw, ABSENT_WEIGHTS))
+            self._put("absent_weight", check_option("absent_weight", aw, ABSENT_WEIGHTS))
