@@ -175,7 +175,6 @@ def test_a_kernel_source_gives_a_row_per_loss_of_ours(monkeypatch):
 def test_the_library_kernel_count_is_picked_up_when_published(monkeypatch):
     module_name, attr = traffic.LIBRARY_KERNEL_TRAFFIC
     module = __import__(module_name, fromlist=[attr])
-    assert "kernels" not in traffic.kernel_sources() or hasattr(module, attr)
     monkeypatch.setattr(module, attr, lambda b, c, n, dtype, flags: (3 * b * c * n * 4, 0, 1), raising=False)
     assert traffic.kernel_sources()["kernels"][0] == "Triton kernels"
     rows = traffic.traffic_rows([(1, 3, 4, 4, 4)], losses=["ours-dice"])

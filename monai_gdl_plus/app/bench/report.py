@@ -150,8 +150,8 @@ def format_traffic_table(rows: Sequence[dict]) -> str:
     out += [f"{label}: {why} [{', '.join(shapes)}]" for (label, why), shapes in skipped.items()]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         logits = next(r["logits_bytes"] for r in rows if r["shape"] == shape)
-        out.append(f"  {shape}: L = {logits / 1e6:.1f} MB (float32 logits); floor 3 L (read the logits forward, "
-                   "read them and write the gradient backward)")  # fmt: skip
+        out.append(f"  {shape}: L = {logits / 1e6:.1f} MB (float32 logits); floor 3 L (logits read forward, read "
+                   "again and gradient written backward)")  # fmt: skip
     if rows:
         out.append("")
         out.extend(textwrap.fill(note, width=110) for note in _traffic_notes(device))
