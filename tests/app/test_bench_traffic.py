@@ -39,6 +39,12 @@ def test_views_move_nothing_and_launch_nothing():
     assert got == traffic.Traffic(0, 0, 0) and not counter.ops
 
 
+def test_a_scalar_read_back_is_one_launch_reading_one_element():
+    a = torch.randn(N)
+    got, _ = _count(lambda: a[3].item())
+    assert got == traffic.Traffic(F32, 0, 1)
+
+
 def test_allocations_write_nothing_a_fill_writes():
     got, _ = _count(lambda: (torch.empty(N), torch.empty_like(torch.empty(N))))
     assert got == traffic.Traffic(0, 0, 0)
@@ -175,17 +181,35 @@ def test_a_kernel_source_gives_a_row_per_loss_of_ours(monkeypatch):
 def test_the_library_kernel_count_is_picked_up_when_published(monkeypatch):
     module_name, attr = traffic.LIBRARY_KERNEL_TRAFFIC
     module = __import__(module_name, fromlist=[attr])
-    monkeypatch.setattr(module, attr, lambda b, c, n, dtype, flags: (3 * b * c * n * 4, 0, 1), raising=False)
+    seen = []
+
+    def kernel_traffic(b, c, n, dtype=torch.float32, *, softmax=True, squared=False, with_ce=False, focal=0):
+        seen.append((b, c, n, dtype, softmax, squared, with_ce, focal))
+        logits = b * c * n * dtype.itemsize
+        return 2 * logits, logits, 6, logits  # (read, written, launches, L), as the library's Traffic
+
+    monkeypatch.setattr(module, attr, kernel_traffic, raising=False)
     assert traffic.kernel_sources()["kernels"][0] == "Triton kernels"
-    rows = traffic.traffic_rows([(1, 3, 4, 4, 4)], losses=["ours-dice"])
-    assert rows[1]["label"] == "DicePlusLoss [Triton kernels]" and rows[1]["total_L"] == 3.0
+    rows = traffic.traffic_rows([(1, 3, 4, 4, 4)], losses=["ours-dicefocal"], dtype="float16")
+    assert rows[1]["label"] == "DiceFocalPlusLoss [Triton kernels]"
+    assert (rows[1]["total_L"], rows[1]["launches"]) == (3.0, 6)
+    assert seen == [(1, 3, 64, torch.float16, True, False, False, 1)]
+
+
+def test_half_logits_count_l_in_their_own_bytes():
+    """L is the logits' bytes in their dtype; our path computes in float32, so its multiple of L is larger."""
+    shape = (2, 16, 16, 16, 16)
+    (half,) = traffic.traffic_rows([shape], losses=["ours-dice"], dtype="float16")
+    (full,) = traffic.traffic_rows([shape], losses=["ours-dice"])
+    assert half["logits_bytes"] == 2 * 16 * 16**3 * 2 and full["logits_bytes"] == 2 * half["logits_bytes"]
+    assert half["dtype"] == "float16" and half["total_L"] > full["total_L"] + 10
 
 
 def test_table_prints_every_row_and_the_missing_ones():
     rows = traffic.traffic_rows([(1, 4, 8, 8, 8)], losses=["ours-dice", "monai-dice", "nnunet-memeff"])
     table = report.format_traffic_table(rows)
     lines = table.splitlines()
-    assert lines[0] == "== traffic per forward+backward step, counted on meta =="
+    assert lines[0] == "== traffic per forward+backward step, float32 logits, counted on meta =="
     assert lines[1].split() == ["loss", "shape", "read/L", "written/L", "total/L", "launches"]
     for r in (r for r in rows if r["status"] == "ok"):
         line = next(x for x in lines if x.startswith(r["label"] + "  "))
@@ -223,6 +247,8 @@ def test_cli_traffic_refuses_compile(capsys):
 def test_bad_device_and_loss_are_named():
     with pytest.raises(ValueError, match="device"):
         traffic.traffic_rows([(1, 3, 4, 4, 4)], device="tpu")
+    with pytest.raises(ValueError, match="dtype"):
+        traffic.traffic_rows([(1, 3, 4, 4, 4)], dtype="float64")
     with pytest.raises(ValueError, match="losses"):
         traffic.traffic_rows([(1, 3, 4, 4, 4)], losses=["ours-nothing"])
     assert registry.LOSSES  # the rows follow the registry's order

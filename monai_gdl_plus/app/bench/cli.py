@@ -71,6 +71,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="where --traffic counts: meta (default; shapes only, the accelerator route, any shape in seconds), "
         "cpu (the host route, computed) or cuda",
     )  # fmt: skip
+    parser.add_argument(
+        "--traffic-dtype", choices=tuple(traffic.TRAFFIC_DTYPES), default="float32",
+        help="the logits' dtype for --traffic (float32; float16/bfloat16: what a network under autocast hands the "
+        "loss); L is their bytes",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -114,7 +119,8 @@ def _run_traffic(args: argparse.Namespace, shapes: list[tuple[int, ...]]) -> int
         if getattr(args, "compile", False):
             raise ValueError("`--traffic` counts the eager step's aten ops; it cannot be combined with `--compile`.")
         report.check_csv_path(args.csv)
-        rows = traffic.traffic_rows(shapes, losses=args.losses, device=args.traffic_device, seed=args.seed)
+        rows = traffic.traffic_rows(shapes, losses=args.losses, device=args.traffic_device,
+                                    dtype=args.traffic_dtype, seed=args.seed)  # fmt: skip
     except (ValueError, TypeError) as e:
         print(f"gdl-plus bench: error: {e}", file=sys.stderr)
         return 2

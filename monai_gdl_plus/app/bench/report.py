@@ -137,7 +137,8 @@ def format_traffic_table(rows: Sequence[dict]) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
     cells, header, widths, line = _layout(_TRAFFIC_COLUMNS, ok)
     device = rows[0]["device"] if rows else "-"
-    out = [f"== traffic per forward+backward step, counted on {device} ==", line(header),
+    dtype = rows[0]["dtype"] if rows else "-"
+    out = [f"== traffic per forward+backward step, {dtype} logits, counted on {device} ==", line(header),
            "  ".join("-" * w for w in widths)]  # fmt: skip
     for prev, r in zip([None, *ok], ok, strict=False):
         if prev is not None and r["shape"] != prev["shape"]:
@@ -150,7 +151,7 @@ def format_traffic_table(rows: Sequence[dict]) -> str:
     out += [f"{label}: {why} [{', '.join(shapes)}]" for (label, why), shapes in skipped.items()]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         logits = next(r["logits_bytes"] for r in rows if r["shape"] == shape)
-        out.append(f"  {shape}: L = {logits / 1e6:.1f} MB (float32 logits); floor 3 L (logits read forward, read "
+        out.append(f"  {shape}: L = {logits / 1e6:.1f} MB ({dtype} logits); floor 3 L (logits read forward, read "
                    "again and gradient written backward)")  # fmt: skip
     if rows:
         out.append("")

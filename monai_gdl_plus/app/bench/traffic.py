@@ -32,7 +32,9 @@ is counted eagerly.
 Devices (``--traffic-device``): ``meta`` (default) runs no arithmetic, only shapes, so any shape is counted in
 milliseconds; the library takes there the route it takes on an accelerator (CUDA), without its value checks (on
 CUDA those are device assertions that read the labels once more). ``cpu`` counts the host route on real data
-(unshifted softmax, sequential class sums); ``cuda`` counts what a GPU runs.
+(unshifted softmax, sequential class sums); ``cuda`` counts what a GPU runs. Logits (``--traffic-dtype``, a key
+of :data:`TRAFFIC_DTYPES`) are float32, or float16/bfloat16 as a network under autocast hands them to the loss; L is
+their bytes in that dtype, so an implementation computing in float32 moves a larger multiple of L in half precision.
 
 Rows (:func:`traffic_rows`): each implementation of :mod:`~monai_gdl_plus.app.bench.registry` at each shape, counted
 as above; and for our losses, one more row from every function in :data:`KERNEL_SOURCES` (``register_kernel_source``):
@@ -66,11 +68,13 @@ from monai_gdl_plus.options import check_option
 
 __all__ = [
     "ALLOCATIONS", "GATHERS", "INDEXED", "KERNEL_SOURCES", "LIBRARY_KERNEL_TRAFFIC", "LOSS_FLAGS", "TRAFFIC_DEVICES",
-    "WRITE_ONLY", "KernelSource", "Traffic", "TrafficCounter", "count_step", "kernel_sources", "register_kernel_source",
-    "tensor_bytes", "traffic_rows",
+    "TRAFFIC_DTYPES", "WRITE_ONLY", "KernelSource", "Traffic", "TrafficCounter", "count_step", "kernel_sources",
+    "register_kernel_source", "tensor_bytes", "traffic_rows",
 ]  # fmt: skip
 
 TRAFFIC_DEVICES = ("meta", "cpu", "cuda")
+# the logits' dtypes counted (float16/bfloat16: what a network under autocast hands the loss)
+TRAFFIC_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # ops that only allocate (or change metadata): no bytes, no launch. The schema cannot say "uninitialised".
 ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_"})
 # in-place ops that overwrite their `self` without reading it (the schema marks `self` written, not how)
@@ -81,7 +85,9 @@ INDEXED = {"scatter_": ("index", False), "scatter_add_": ("index", True), "scatt
 # ops reading only the elements of `self` their index addresses: op -> the argument whose elements are read
 GATHERS = {"gather": "index"}
 _OP_NAMESPACES = ("aten", "prims")
-# where the library publishes its kernels' own count, (module, function): looked up, never required
+# where the library publishes its kernels' own count, (module, function): looked up, never required. A public
+# module: the application reaches the library through those only. The function is called as
+# ``fn(B, C, N, dtype, **flags)`` (flags: LOSS_FLAGS' keys) and returns (read, written, launches, ...).
 LIBRARY_KERNEL_TRAFFIC = ("monai_gdl_plus.functional", "kernel_traffic")
 
 # what each of our losses asks of a per-voxel kernel (what a KernelSource receives as `flags`)
@@ -252,42 +258,51 @@ def kernel_sources() -> dict[str, tuple[str, KernelSource]]:
     except ImportError:
         fn = None
     if callable(fn) and "kernels" not in sources:
-        sources["kernels"] = ("Triton kernels", fn)
+        sources["kernels"] = ("Triton kernels", _keyword_flags(fn))
     return sources
 
 
-def _inputs(shape: Sequence[int], device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _keyword_flags(fn: Callable[..., Sequence[int]]) -> KernelSource:
+    """The library's count (flags as keywords, a longer tuple returned) as a :data:`KernelSource`."""
+    return lambda b, c, n, dtype, flags: tuple(fn(b, c, n, dtype, **flags))[:3]  # type: ignore[return-value]
+
+
+def _inputs(shape: Sequence[int], device: str, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     b, c, *spatial = shape
     if device == "meta":
-        x = torch.empty(tuple(shape), device="meta")
+        x = torch.empty(tuple(shape), dtype=dtype, device="meta")
         return x.requires_grad_(), torch.empty((b, 1, *spatial), dtype=torch.int64, device="meta")
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tuple(shape), generator=g).to(device).requires_grad_()
+    x = torch.randn(tuple(shape), generator=g).to(device, dtype).requires_grad_()
     return x, torch.randint(0, c, (b, 1, *spatial), generator=g).to(device)
 
 
-def _row(key: str, label: str, source: str, shape: Sequence[int], device: str, t: Traffic | None, status: str):
-    logits = math.prod(shape) * 4  # float32 logits
+def _row(
+    key: str, label: str, source: str, shape: Sequence[int], device: str, dtype: str, t: Traffic | None, status: str
+) -> dict:
+    logits = math.prod(shape) * TRAFFIC_DTYPES[dtype].itemsize
     nan = math.nan
     read, written, launches = (nan, nan, nan) if t is None else (t.bytes_read, t.bytes_written, t.launches)
     return {
         "loss": key, "label": label, "source": source, "shape": "x".join(map(str, shape)), "device": device,
-        "dtype": "float32", "status": status, "logits_bytes": logits, "bytes_read": read, "bytes_written": written,
+        "dtype": dtype, "status": status, "logits_bytes": logits, "bytes_read": read, "bytes_written": written,
         "launches": launches, "read_L": read / logits, "written_L": written / logits,
         "total_L": (read + written) / logits,
     }  # fmt: skip
 
 
 def traffic_rows(
-    shapes: Iterable[Sequence[int]], losses: Iterable[str] | None = None, device: str = "meta", seed: int = 0,
-    log: Callable[[str], None] | None = None,
+    shapes: Iterable[Sequence[int]], losses: Iterable[str] | None = None, device: str = "meta",
+    dtype: str = "float32", seed: int = 0, log: Callable[[str], None] | None = None,
 ) -> list[dict]:  # fmt: skip
-    """Count one forward+backward step of each implementation at each shape (float32 logits, an int64 label map).
+    """Count one forward+backward step of each implementation at each shape (logits of ``dtype``, an int64 label
+    map).
 
     Args:
         shapes: logits shapes (B, C, *spatial), already parsed.
         losses: keys or groups of :data:`~monai_gdl_plus.app.bench.LOSSES` (default all).
         device: one of :data:`TRAFFIC_DEVICES` (see the module).
+        dtype: the logits' dtype, a key of :data:`TRAFFIC_DTYPES`; L is the logits' bytes in it.
         seed: seed of the random inputs (``cpu``/``cuda``).
         log: called with a progress line per row, or None.
 
@@ -298,9 +313,10 @@ def traffic_rows(
         ``bytes_read``, ``bytes_written``, ``launches``, ``read_L``, ``written_L``, ``total_L`` (NaN when missing).
 
     Raises:
-        ValueError: a bad device or loss name, or ``device="cuda"`` without CUDA.
+        ValueError: a bad device, dtype or loss name, or ``device="cuda"`` without CUDA.
     """
     device = check_option("device", device, TRAFFIC_DEVICES)
+    dtype = check_option("dtype", dtype, tuple(TRAFFIC_DTYPES))
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("`device` is 'cuda' but torch.cuda.is_available() is False here.")
     keys = registry.resolve_losses(losses)
@@ -312,18 +328,19 @@ def traffic_rows(
             label = registry.SPECS[key].label
             try:
                 fn = registry.build_loss(key)
-                x, y = _inputs(shape, device, seed)
-                rows.append(_row(key, label, "aten ops", shape, device, count_step(fn, x, y), "ok"))
+                x, y = _inputs(shape, device, seed, TRAFFIC_DTYPES[dtype])
+                rows.append(_row(key, label, "aten ops", shape, device, dtype, count_step(fn, x, y), "ok"))
             except registry.Unavailable as e:
-                rows.append(_row(key, label, "aten ops", shape, device, None, str(e)))
+                rows.append(_row(key, label, "aten ops", shape, device, dtype, None, str(e)))
             except Exception as e:  # one failing implementation must not hide the others' rows
-                rows.append(_row(key, label, "aten ops", shape, device, None, registry.error_text(e)))
+                rows.append(_row(key, label, "aten ops", shape, device, dtype, None, registry.error_text(e)))
             say(f"traffic {rows[-1]['shape']} {label}: {rows[-1]['status']}")
             for name, (suffix, source) in sources.items() if key in LOSS_FLAGS else ():
                 b, c, *spatial = shape
+                where = (key, f"{label} [{suffix}]", name, shape, device, dtype)
                 try:
-                    got = Traffic(*(int(v) for v in source(b, c, math.prod(spatial), torch.float32, LOSS_FLAGS[key])))
-                    rows.append(_row(key, f"{label} [{suffix}]", name, shape, device, got, "ok"))
+                    counted = source(b, c, math.prod(spatial), TRAFFIC_DTYPES[dtype], dict(LOSS_FLAGS[key]))
+                    rows.append(_row(*where, Traffic(*(int(v) for v in tuple(counted)[:3])), "ok"))
                 except Exception as e:
-                    rows.append(_row(key, f"{label} [{suffix}]", name, shape, device, None, registry.error_text(e)))
+                    rows.append(_row(*where, None, registry.error_text(e)))
     return rows
