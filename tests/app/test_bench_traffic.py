@@ -5,6 +5,7 @@ the kernel-source hook, the table and the CLI."""
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 import pytest
@@ -151,6 +152,24 @@ def test_byte_ratios_do_not_depend_on_the_volume():
     small, large = _row("ours-dice", shape=(2, 16, 16, 16, 16)), _row("ours-dice", shape=(2, 16, 128, 128, 128))
     assert large["total_L"] == pytest.approx(small["total_L"], abs=0.05)
     assert large["launches"] > small["launches"]  # more chunks (meta: 2^24 elements a chunk, as on CUDA)
+
+
+def test_our_losses_are_counted_on_their_torch_path(monkeypatch):
+    """Triton launches are invisible to a dispatch mode: the library's kernel switch says ``torch`` while a step is
+    counted, and is restored after."""
+    seen = []
+
+    def loss(x, y):
+        seen.append(os.environ.get(traffic.KERNELS_ENV))
+        return x.sum()
+
+    monkeypatch.setenv(traffic.KERNELS_ENV, "triton")
+    monkeypatch.setattr(registry, "build_loss", lambda key: loss)
+    (row,) = traffic.traffic_rows([(1, 3, 4, 4, 4)], losses=["ours-dice"])
+    assert seen == ["torch"] and os.environ[traffic.KERNELS_ENV] == "triton" and row["status"] == "ok"
+    monkeypatch.delenv(traffic.KERNELS_ENV)
+    traffic.traffic_rows([(1, 3, 4, 4, 4)], losses=["ours-dice"])
+    assert seen[-1] == "torch" and traffic.KERNELS_ENV not in os.environ
 
 
 def test_a_kernel_source_gives_a_row_per_loss_of_ours(monkeypatch):

@@ -23,7 +23,9 @@ What is counted (:class:`TrafficCounter`, a ``TorchDispatchMode`` over the step)
   opaque to the dispatcher, but their implementations run aten ops: the counter runs the implementation under
   itself and counts those inner ops, i.e. what runs on the device. A custom op whose implementation dispatches no
   aten op (a kernel launched from Python, or the fake implementation on the ``meta`` device) is one launch reading
-  its inputs and writing its outputs.
+  its inputs and writing its outputs. Kernels launched from Python beside aten ops (Triton's) are invisible to a
+  dispatch mode: our losses are therefore counted on their torch path (:data:`KERNELS_ENV` set to ``torch`` while
+  counting), and the kernels' traffic comes from their own count (the kernel rows below).
 
 What is not counted: the host's work (a ``.item()`` is one launch reading one element, the wait is not counted),
 caches (every op reads from and writes to memory, no fusion), and anything ``torch.compile`` would fuse: the step
@@ -52,8 +54,10 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -67,9 +71,9 @@ from monai_gdl_plus.app.bench import registry
 from monai_gdl_plus.options import check_option
 
 __all__ = [
-    "ALLOCATIONS", "GATHERS", "INDEXED", "KERNEL_SOURCES", "LIBRARY_KERNEL_TRAFFIC", "LOSS_FLAGS", "TRAFFIC_DEVICES",
-    "TRAFFIC_DTYPES", "WRITE_ONLY", "KernelSource", "Traffic", "TrafficCounter", "count_step", "kernel_sources",
-    "register_kernel_source", "tensor_bytes", "traffic_rows",
+    "ALLOCATIONS", "GATHERS", "INDEXED", "KERNELS_ENV", "KERNEL_SOURCES", "LIBRARY_KERNEL_TRAFFIC", "LOSS_FLAGS",
+    "TRAFFIC_DEVICES", "TRAFFIC_DTYPES", "WRITE_ONLY", "KernelSource", "Traffic", "TrafficCounter", "count_step",
+    "kernel_sources", "register_kernel_source", "tensor_bytes", "traffic_rows",
 ]  # fmt: skip
 
 TRAFFIC_DEVICES = ("meta", "cpu", "cuda")
@@ -85,6 +89,8 @@ INDEXED = {"scatter_": ("index", False), "scatter_add_": ("index", True), "scatt
 # ops reading only the elements of `self` their index addresses: op -> the argument whose elements are read
 GATHERS = {"gather": "index"}
 _OP_NAMESPACES = ("aten", "prims")
+# the library's switch between its Triton kernels and its torch path (read when a loss runs)
+KERNELS_ENV = "MONAI_GDL_PLUS_KERNELS"
 # where the library publishes its kernels' own count, (module, function): looked up, never required. A public
 # module: the application reaches the library through those only. The function is called as
 # ``fn(B, C, N, dtype, **flags)`` (flags: LOSS_FLAGS' keys) and returns (read, written, launches, ...).
@@ -236,10 +242,24 @@ def _outputs(out: object) -> list[torch.Tensor]:
 
 
 def count_step(fn: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> Traffic:
-    """The traffic of ``fn(x, y).backward()`` (``x`` requiring grad), inputs made outside the count."""
-    with TrafficCounter() as counter:
+    """The traffic of ``fn(x, y).backward()`` (``x`` requiring grad), inputs made outside the count, with the
+    library on its torch path (:data:`KERNELS_ENV` ``=torch``, restored after)."""
+    with _torch_path(), TrafficCounter() as counter:
         fn(x, y).backward()
     return counter.result()
+
+
+@contextlib.contextmanager
+def _torch_path():
+    before = os.environ.get(KERNELS_ENV)
+    os.environ[KERNELS_ENV] = "torch"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(KERNELS_ENV, None)
+        else:
+            os.environ[KERNELS_ENV] = before
 
 
 def register_kernel_source(name: str, label: str, fn: KernelSource) -> None:
