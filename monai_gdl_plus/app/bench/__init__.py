@@ -28,7 +28,9 @@ The method (see ``PERF_NOTES.md``), one concern a module:
   measured here; memory = ``1.0 L`` (the gradient itself), L = bytes of the logits;
 - :mod:`~monai_gdl_plus.app.bench.memory`: peak extra memory of one step (a fresh child per (loss, shape) on CPU);
 - :mod:`~monai_gdl_plus.app.bench.probes`: what ``/proc`` and ``/sys`` say (run-queue waits, huge pages, VmHWM);
-- :mod:`~monai_gdl_plus.app.bench.report`: ratios, the table, the CSV;
+- :mod:`~monai_gdl_plus.app.bench.traffic`: ``--traffic``, the bytes read and written and the launches of one step,
+  counted from the aten ops dispatched (a ``TorchDispatchMode``), and kernel implementations' own counts;
+- :mod:`~monai_gdl_plus.app.bench.report`: ratios, the tables, the CSV;
 - :mod:`~monai_gdl_plus.app.bench.cli`: ``gdl-plus bench`` and ``python -m monai_gdl_plus.app.bench``.
 
 Use :func:`benchmark` and :func:`format_table` from Python, ``gdl-plus bench`` (through :func:`configure_parser` and

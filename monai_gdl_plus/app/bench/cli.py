@@ -18,7 +18,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from monai_gdl_plus.app.bench import children, measure, memory, registry, report, runner
+from monai_gdl_plus.app.bench import children, measure, memory, registry, report, runner, traffic
 
 __all__ = ["configure_parser", "main", "run"]
 
@@ -61,6 +61,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile every implementation (inductor; compiled in the warm-up)"
     )
+    parser.add_argument(
+        "--traffic", action="store_true",
+        help="instead of timing: count the bytes read and written (as multiples of the logits' bytes L) and the "
+        "launches of one forward+backward step, from the aten ops dispatched",
+    )  # fmt: skip
+    parser.add_argument(
+        "--traffic-device", choices=traffic.TRAFFIC_DEVICES, default="meta",
+        help="where --traffic counts: meta (default; shapes only, the accelerator route, any shape in seconds), "
+        "cpu (the host route, computed) or cuda",
+    )  # fmt: skip
+    parser.add_argument(
+        "--traffic-dtype", choices=tuple(traffic.TRAFFIC_DTYPES), default="float32",
+        help="the logits' dtype for --traffic (float32; float16/bfloat16: what a network under autocast hands the "
+        "loss); L is their bytes",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -74,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         The exit status.
     """
     shapes = getattr(args, "shapes", None) or [(2, 16, 64, 64, 64)]
+    if getattr(args, "traffic", False):
+        return _run_traffic(args, shapes)
     try:
         report.check_csv_path(args.csv)
         rows = runner.benchmark(
@@ -94,6 +111,28 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(f"rows saved to {args.csv}")
     return 1 if any(r["status"].startswith("error") or r["memory_status"].startswith("error") for r in rows) else 0
+
+
+def _run_traffic(args: argparse.Namespace, shapes: list[tuple[int, ...]]) -> int:
+    """``--traffic``: the traffic table instead of the timing one (same exit statuses)."""
+    try:
+        if getattr(args, "compile", False):
+            raise ValueError("`--traffic` counts the eager step's aten ops; it cannot be combined with `--compile`.")
+        report.check_csv_path(args.csv)
+        rows = traffic.traffic_rows(shapes, losses=args.losses, device=args.traffic_device,
+                                    dtype=args.traffic_dtype, seed=args.seed)  # fmt: skip
+    except (ValueError, TypeError) as e:
+        print(f"gdl-plus bench: error: {e}", file=sys.stderr)
+        return 2
+    print(report.format_traffic_table(rows))
+    if args.csv:
+        try:
+            report.write_csv(rows, args.csv)
+        except OSError as e:
+            print(f"gdl-plus bench: error: cannot write `--csv` {args.csv!r}: {e}", file=sys.stderr)
+            return 2
+        print(f"rows saved to {args.csv}")
+    return 1 if any(r["status"].startswith("error") for r in rows) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

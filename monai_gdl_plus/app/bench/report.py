@@ -1,4 +1,5 @@
-"""The report: ratios between rows of one allocator setting and shape, the text table, the CSV.
+"""The report: ratios between rows of one allocator setting and shape, the text tables (time and memory; traffic),
+the CSV.
 
 Ratios (``t/MONAI`` etc.) compare implementations within one setting, never across settings.
 
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from monai_gdl_plus.app.bench import children, registry
 from monai_gdl_plus.app.common import format_number
 
-__all__ = ["add_ratios", "check_csv_path", "format_table", "write_csv"]
+__all__ = ["add_ratios", "check_csv_path", "format_table", "format_traffic_table", "write_csv"]
 
 _BUSY_WAIT_PCT = 10.0  # median wait% from which the table warns that the times are not reliable
 _COLUMNS = (
@@ -37,6 +38,15 @@ _COLUMNS = (
     ("t/nnU-Net", "time_vs_nnunet", ".2f", ">"),
     ("m/nnU-Net", "mem_vs_nnunet", ".2f", ">"),
     ("t/floor", "time_vs_floor", ".1f", ">"),
+)
+
+_TRAFFIC_COLUMNS = (
+    ("loss", "label", None, "<"),
+    ("shape", "shape", None, "<"),
+    ("read/L", "read_L", ".2f", ">"),
+    ("written/L", "written_L", ".2f", ">"),
+    ("total/L", "total_L", ".2f", ">"),
+    ("launches", "launches", ".0f", ">"),
 )
 
 
@@ -76,13 +86,7 @@ def format_table(rows: Sequence[dict]) -> str:
         The table as one string (no trailing newline).
     """
     ok = [r for r in rows if r["status"] == "ok"]
-    cells = {id(r): [r[k] if spec is None else format_number(r[k], spec, "-") for _, k, spec, _a in _COLUMNS]
-             for r in ok}  # fmt: skip
-    header = [h for h, *_ in _COLUMNS]
-    widths = [max([len(header[i])] + [len(c[i]) for c in cells.values()]) for i in range(len(_COLUMNS))]
-
-    def line(c: list[str]) -> str:
-        return "  ".join(f"{v:{a}{w}}" for v, w, (_h, _k, _s, a) in zip(c, widths, _COLUMNS, strict=False)).rstrip()
+    cells, header, widths, line = _layout(_COLUMNS, ok)
 
     settings = list(dict.fromkeys(r.get("allocator", "default") for r in rows))
     out: list[str] = []
@@ -103,6 +107,73 @@ def format_table(rows: Sequence[dict]) -> str:
         out.extend(textwrap.fill(note, width=110) for note in _notes(rows, settings))
         out.extend(_busy_warnings(ok))
     return "\n".join(out)
+
+
+def _layout(columns: Sequence[tuple], rows: Sequence[dict]):
+    """The cells of ``rows`` under ``columns`` (heading, key, format or None for text, alignment), the header,
+    the column widths and the function that renders one line of cells."""
+    cells = {id(r): [r[k] if spec is None else format_number(r[k], spec, "-") for _, k, spec, _a in columns]
+             for r in rows}  # fmt: skip
+    header = [h for h, *_ in columns]
+    widths = [max([len(header[i])] + [len(c[i]) for c in cells.values()]) for i in range(len(columns))]
+
+    def line(c: list[str]) -> str:
+        return "  ".join(f"{v:{a}{w}}" for v, w, (_h, _k, _s, a) in zip(c, widths, columns, strict=False)).rstrip()
+
+    return cells, header, widths, line
+
+
+def format_traffic_table(rows: Sequence[dict]) -> str:
+    """Render :func:`~monai_gdl_plus.app.bench.traffic.traffic_rows` as text: bytes read, written and their total
+    per forward+backward step as multiples of the logits' bytes (L), and the launches; a blank line between shapes,
+    one line per implementation without figures, L per shape, then notes saying how the figures were counted.
+
+    Args:
+        rows: what ``traffic_rows`` returned.
+
+    Returns:
+        The table as one string (no trailing newline).
+    """
+    ok = [r for r in rows if r["status"] == "ok"]
+    cells, header, widths, line = _layout(_TRAFFIC_COLUMNS, ok)
+    device = rows[0]["device"] if rows else "-"
+    dtype = rows[0]["dtype"] if rows else "-"
+    out = [f"== traffic per forward+backward step, {dtype} logits, counted on {device} ==", line(header),
+           "  ".join("-" * w for w in widths)]  # fmt: skip
+    for prev, r in zip([None, *ok], ok, strict=False):
+        if prev is not None and r["shape"] != prev["shape"]:
+            out.append("")
+        out.append(line(cells[id(r)]))
+    skipped: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            skipped.setdefault((r["label"], r["status"]), []).append(r["shape"])
+    out += [f"{label}: {why} [{', '.join(shapes)}]" for (label, why), shapes in skipped.items()]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        logits = next(r["logits_bytes"] for r in rows if r["shape"] == shape)
+        out.append(f"  {shape}: L = {logits / 1e6:.1f} MB ({dtype} logits); floor 3 L (logits read forward, read "
+                   "again and gradient written backward)")  # fmt: skip
+    if rows:
+        out.append("")
+        out.extend(textwrap.fill(note, width=110) for note in _traffic_notes(device))
+    return "\n".join(out)
+
+
+def _traffic_notes(device: str) -> list[str]:
+    where = {
+        "meta": "on the meta device: shapes only, no arithmetic; the library takes the route it takes on an "
+        "accelerator (CUDA), less its value checks (there device assertions reading the labels once more)",
+        "cpu": "on CPU tensors: the host route (unshifted softmax, sequential class sums), on real data",
+        "cuda": "on CUDA tensors: what the GPU runs",
+    }.get(device, device)
+    return [
+        f"Counted {where}. Every aten op dispatched over one eager forward+backward step (a TorchDispatchMode) is "
+        "one launch (on a GPU roughly a kernel each) reading its tensor inputs and writing its outputs and the "
+        "tensors it mutates; views and allocations move nothing and launch nothing; a broadcast input counts its "
+        "distinct elements; scatter/gather count the elements their index addresses; a custom op counts the aten "
+        "ops its implementation runs. No caches, no fusion: what each op would move to and from memory on its "
+        "own. Rows marked [...] come from a kernel implementation's own count of its loads and stores.",
+    ]
 
 
 def _busy_warnings(ok: Sequence[dict]) -> list[str]:
