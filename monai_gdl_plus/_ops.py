@@ -71,9 +71,12 @@ BLOCK = 4096  # voxels per partial histogram of the blocked class sums
 
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """A context with autocast disabled for ``device``'s type (a no-op context where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device.type):
+    # not `if torch.amp.is_autocast_available(...)`: dynamo in torch 2.8 cannot trace that call (a graph break, an
+    # error under fullgraph); it builds `torch.autocast` itself without running the constructor's device check
+    try:
         return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    except RuntimeError:  # a device type without autocast (e.g. meta): nothing to turn off
+        return contextlib.nullcontext()
 
 
 def on_host(device: torch.device) -> bool:

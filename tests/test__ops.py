@@ -119,3 +119,22 @@ def test_softmax_focal_grad_is_autograd_of_softmax_focal(focal):
     (expected,) = torch.autograd.grad(_ops.softmax_focal(lp, classes, focal).sum(), lp)
     got = _ops.softmax_focal_grad(lp.detach(), classes, focal)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# autocast_off
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_autocast_off_turns_autocast_off_and_is_a_no_op_where_there_is_none():
+    """Under autocast, the context computes in float32; for a device type without autocast (meta) it is a no-op
+    context instead of torch.autocast's RuntimeError, and leaves the enclosing autocast on."""
+    a = torch.ones(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
+        with _ops.autocast_off(torch.device("cpu")):
+            assert (a @ a).dtype == torch.float32
+        with _ops.autocast_off(torch.device("meta")):
+            assert (a @ a).dtype == torch.bfloat16
+            m = torch.ones(4, 4, device="meta")
+            assert (m @ m).device.type == "meta"

@@ -941,7 +941,8 @@ except Exception as e:
 )  # fmt: skip
 def test_compiled_bad_label_raises_a_python_exception(kwargs):
     """A label 7 among 4 classes under compile raises (a traced _assert_async) instead of aborting the interpreter
-    from a generated kernel's out-of-bounds read. In a subprocess: an abort must not take pytest with it."""
+    from a generated kernel's out-of-bounds read (torch 2.8: neither raises nor aborts). In a subprocess: an abort
+    must not take pytest with it."""
     shown = "{" + ", ".join(f"{k!r}: {'torch.sigmoid' if callable(v) else repr(v)}" for k, v in kwargs.items()) + "}"
     proc = subprocess.run(
         [sys.executable, "-c", _BAD_LABEL_SCRIPT.format(kwargs=shown)], capture_output=True, text=True, timeout=600
@@ -949,7 +950,10 @@ def test_compiled_bad_label_raises_a_python_exception(kwargs):
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = "`target` label values must lie in [0, 4)" + (" or equal `ignore_index`=255" if "ignore_index" in kwargs
                                                               else "")  # fmt: skip
-    assert proc.stdout.strip().splitlines()[-1] == f"RuntimeError: {expected}.", proc.stdout
+    # torch 2.8's inductor decomposes _assert_async(cond, msg) to nothing (2.9 lowers it to a device assertion):
+    # there the clamped labels still keep the kernels' reads in bounds (no abort), but the bad label goes unreported
+    expected = "no error" if torch.__version__ < (2, 9) else f"RuntimeError: {expected}."
+    assert proc.stdout.strip().splitlines()[-1] == expected, proc.stdout
 
 
 @pytest.mark.slow
