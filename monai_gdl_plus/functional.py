@@ -455,9 +455,10 @@ def per_class_terms(prep: Prepared, options: DiceOptions, weights: Weights | Non
     sums, ce_sums, focal_sums = plain_terms(x, prep.labels, prep.target, prep.mask, dice=dice, ce=ce, focal=focal)
     if fused is None:
         assert sums is not None  # asked for
-        fused = Terms(*_select(DiceTerms(*sums[:3]), sums[3], prep.keep))
+        fused = Terms(DiceTerms(*sums[:3]), sums[3])
+    dice, vol = _select(fused.dice, fused.volumes, prep.keep)
     ce_mean = fused.ce if ce_sums is None else _Mean(*ce_sums)
-    return Terms(fused.dice, fused.volumes, ce_mean, fused.focal if focal_sums is None else focal_sums)
+    return Terms(dice, vol, ce_mean, fused.focal if focal_sums is None else focal_sums)
 
 
 def _activation(o: DiceOptions, num_ch: int) -> tuple[bool, bool]:
@@ -480,8 +481,8 @@ def _focal_spec(o: DiceOptions, num_ch: int) -> Focal:
 def _fused_terms(
     prep: Prepared, o: DiceOptions, softmax: bool, ce: CrossEntropy | None, focal: Focal
 ) -> tuple[Terms, CrossEntropy | None, Focal]:
-    """The fused route's terms, and the CE and focal terms it leaves to the plain route (a CE under a sigmoid or
-    with label smoothing, the softmax-form focal term under a sigmoid)."""
+    """The fused route's terms of every channel, and the CE and focal terms it leaves to the plain route (a CE under
+    a sigmoid or with label smoothing, the softmax-form focal term under a sigmoid)."""
     assert prep.labels is not None  # the route's condition
     x = prep.logits
     fuse_ce = ce is not None and softmax and ce.label_smoothing == 0
@@ -493,8 +494,7 @@ def _fused_terms(
         focal=focal if fuse_focal else Focal(0, focal.gamma, focal.alpha),
     )  # fmt: skip
     ce_mean = _Mean(nll, counted_weight(prep.labels, prep.mask, ce_w, x)) if fuse_ce else None
-    dice, vol = _select(DiceTerms(inter, psum, tsum), tsum, prep.keep)
-    terms = Terms(dice, vol, ce_mean, fsum if fuse_focal else None)
+    terms = Terms(DiceTerms(inter, psum, tsum), tsum, ce_mean, fsum if fuse_focal else None)  # every channel
     return terms, None if fuse_ce else ce, NO_FOCAL if fuse_focal else focal
 
 
