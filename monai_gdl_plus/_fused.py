@@ -198,7 +198,7 @@ def _label_terms_op(x, labels, mask, ce_weight, softmax, squared, with_ce, focal
     spec = Focal(focal, gamma, alpha)
     if use_triton(x, mask, ce_weight, softmax=softmax, squared=squared, with_ce=with_ce, focal=spec):  # CUDA: Triton
         out = label_terms_forward(x, labels, mask, ce_weight, softmax, squared, with_ce, spec)
-        return tuple(t.contiguous() for t in out)
+        return tuple(t.clone() for t in out)  # views of one buffer: an op's outputs may not alias each other
     dtype = torch.promote_types(x.dtype, torch.float32)
     with autocast_off(x.device):
         out = _forward_chunks(x, labels, mask, ce_weight, softmax, squared, dtype, with_ce, Focal(focal, gamma, alpha))

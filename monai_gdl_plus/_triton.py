@@ -22,8 +22,10 @@ The per-voxel formulas are those of :mod:`monai_gdl_plus._ops` (``nll_from_lse``
 ``auto`` (default: Triton for CUDA tensors when ``triton`` imports and the kernels compile, otherwise the torch
 path, with a one-line warning if a kernel failed to compile), ``triton`` (always; CPU tensors need
 ``TRITON_INTERPRET=1``, Triton's interpreter, which is how the tests check the kernels without a GPU), ``torch``.
-``triton`` is imported only when the Triton path is asked for; the kernels are built on first use, once per
-interpreter setting (Triton picks the interpreter when a kernel is defined).
+``triton`` is imported only when the Triton path is asked for, and the kernels' module
+(:mod:`monai_gdl_plus._triton_kernels`) on first use. Triton chooses between interpreting and compiling as it
+defines a kernel, its standard library's at ``import triton``: ``TRITON_INTERPRET=1`` must be set before that
+import (``torch._inductor`` imports ``triton`` too), so the tests set it in ``conftest.py``.
 
 :func:`kernel_traffic` counts the bytes the kernels' loads and stores move, and the launches, per step.
 """
@@ -31,11 +33,10 @@ interpreter setting (Triton picks the interpreter when a kernel is defined).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import os
 import types
 import warnings
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -74,10 +75,8 @@ _MAX_ITERS = 64
 _FORWARD_WARPS, _BACKWARD_WARPS = 8, 8
 
 _TRITON: Any = None  # the triton module once imported; False when it failed to import
-_KERNELS: dict[bool, types.ModuleType] = {}  # interpreter mode -> the kernels' module
 _KERNELS_MODULE = "monai_gdl_plus._triton_kernels"
 _COMPILED: dict[tuple, bool] = {}  # compile key -> whether both kernels compiled
-_TRUE = ("1", "true", "yes", "on", "y")  # what Triton reads as a true TRITON_INTERPRET
 
 
 def _triton_module() -> Any:
@@ -94,7 +93,11 @@ def _triton_module() -> Any:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+    """Whether Triton interprets kernels in this process. Triton reads ``TRITON_INTERPRET`` as it defines a kernel,
+    its standard library's (``tl.zeros``, ``tl.sum``, ...) when ``triton`` is imported: the setting at that import
+    is the one that counts."""
+    triton = _triton_module()
+    return triton is not None and type(getattr(triton.language, "zeros", None)).__name__ == "InterpretedFunction"
 
 
 def _choice() -> str:
@@ -237,6 +240,7 @@ class _TritonLabelTerms(torch.autograd.Function):
         ctx.save_for_backward(x, labels, mask, ce_weight)
         ctx.flags = (softmax, squared, with_ce, focal)
         ctx.mark_non_differentiable(out[2])
+        ctx.set_materialize_grads(False)  # absent upstream gradients stay None: no fills
         return out
 
     @staticmethod
@@ -298,8 +302,8 @@ def use_triton(
         raise RuntimeError(f"`{ENV_VAR}=triton` needs the `triton` package, which does not import here.")
     if x.device.type != "cuda" and not _interpreting():
         raise ValueError(
-            f"`{ENV_VAR}=triton` on {x.device.type} tensors needs TRITON_INTERPRET=1 (Triton's interpreter); "
-            "Triton compiles for CUDA tensors only."
+            f"`{ENV_VAR}=triton` on {x.device.type} tensors needs TRITON_INTERPRET=1 (Triton's interpreter), set "
+            "before `triton` is first imported; Triton compiles for CUDA tensors only."
         )
     return True
 
@@ -419,16 +423,7 @@ def kernel_traffic(
 
 
 def _kernels() -> types.ModuleType:
-    """The kernels' module (:mod:`monai_gdl_plus._triton_kernels`) for the current interpreter setting, loaded from
-    its file on first use: Triton interprets or compiles a kernel as it is defined, so each setting has a copy."""
-    mode = _interpreting()
-    kernels = _KERNELS.get(mode)
-    if kernels is None:
-        if _triton_module() is None:
-            raise RuntimeError(f"the Triton path needs the `triton` package, which does not import here ({ENV_VAR}).")
-        spec = importlib.util.spec_from_file_location(_KERNELS_MODULE, Path(__file__).with_name("_triton_kernels.py"))
-        assert spec is not None and spec.loader is not None  # a file beside this one
-        kernels = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(kernels)
-        _KERNELS[mode] = kernels
-    return kernels
+    """The kernels' module, :mod:`monai_gdl_plus._triton_kernels` (imported on first use)."""
+    if _triton_module() is None:
+        raise RuntimeError(f"the Triton path needs the `triton` package, which does not import here ({ENV_VAR}).")
+    return importlib.import_module(_KERNELS_MODULE)

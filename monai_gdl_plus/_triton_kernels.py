@@ -1,8 +1,7 @@
 """The Triton kernels of :mod:`monai_gdl_plus._triton` (see there for what they compute and how they are launched).
 
-Imported only through :func:`monai_gdl_plus._triton.label_terms_forward` and its siblings, which load this file
-once per interpreter setting (``TRITON_INTERPRET``): Triton decides between compiling and interpreting a kernel
-when it is defined, so each setting gets its own copy of these definitions. Needs ``triton``.
+Imported on first use of the Triton path by :mod:`monai_gdl_plus._triton` (the package imports without
+``triton``); compiled, or interpreted where ``TRITON_INTERPRET=1`` was set before ``triton`` was imported.
 
 The per-voxel formulas mirror :mod:`monai_gdl_plus._ops` (``nll_from_lse``, ``sigmoid_focal(_grad)``,
 ``softmax_focal(_grad)``); the tests hold the two to each other.
