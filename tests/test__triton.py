@@ -21,12 +21,15 @@ triton = pytest.importorskip("triton")
 if type(triton.language.zeros).__name__ != "InterpretedFunction":
     pytest.skip("Triton was imported without TRITON_INTERPRET=1 (see conftest.py)", allow_module_level=True)
 
+from cases import forbid_host_syncs  # noqa: E402
+
 from monai_gdl_plus import (  # noqa: E402
     DiceCEPlusLoss,
     DiceFocalPlusLoss,
     DicePlusLoss,
     GeneralizedDicePlusLoss,
     _fused,
+    _ops,
     _triton,
 )
 from monai_gdl_plus._ops import Focal  # noqa: E402
@@ -254,6 +257,55 @@ def test_losses_on_the_triton_path_equal_monai(monkeypatch, case):
     assert calls
     torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-9)
+
+
+def _loss_value_and_grad(loss, x, y, kernels, monkeypatch, autocast=None):
+    monkeypatch.setenv(_triton.ENV_VAR, kernels)
+    xi = x.clone().requires_grad_(True)
+    if autocast is None:
+        v = loss(xi, y)
+    else:
+        with torch.autocast("cpu", dtype=autocast):
+            v = loss(xi, y)
+    (g,) = torch.autograd.grad(v, xi)
+    return v.detach(), g
+
+
+@pytest.mark.parametrize("ignore_index", [255, 2])
+@pytest.mark.parametrize("loss_cls", [DiceCEPlusLoss, DiceFocalPlusLoss])
+def test_ignore_index_on_the_triton_path(monkeypatch, ignore_index, loss_cls):
+    """ignore_index out of range (255) and in range (2): the losses' ignore mask through the kernels equals the
+    torch path, CE/focal included."""
+    _, _, x, y = _monai_case(DicePlusLoss, ML.DiceLoss, softmax=True)
+    y = y.clone()
+    y[:, :, 0] = ignore_index
+    extra = dict(lambda_ce=0.5) if loss_cls is DiceFocalPlusLoss else {}
+    loss = loss_cls(to_onehot_y=True, softmax=True, ignore_index=ignore_index, **extra)
+    ours = _loss_value_and_grad(loss, x, y, "triton", monkeypatch)
+    ref = _loss_value_and_grad(loss, x, y, "torch", monkeypatch)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast(monkeypatch, dtype):
+    """Under CPU autocast the Triton path's value and gradient equal the torch path's (both sum in float32)."""
+    _, _, x, y = _monai_case(DicePlusLoss, ML.DiceLoss, softmax=True)
+    loss = DiceCEPlusLoss(to_onehot_y=True, softmax=True, squared_pred=True)
+    ours = _loss_value_and_grad(loss, x.float(), y, "triton", monkeypatch, autocast=dtype)
+    ref = _loss_value_and_grad(loss, x.float(), y, "torch", monkeypatch, autocast=dtype)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_no_host_syncs(monkeypatch):
+    """A training step on the Triton path with the accelerator code paths (``_ops.HOST_DEVICES`` emptied) reads
+    nothing back to the host: no ``item``, ``bool``, ``float``, ``cpu``, ``bincount``, ``nonzero`` ..."""
+    monkeypatch.setattr(_ops, "HOST_DEVICES", set())
+    _, _, x, y = _monai_case(DicePlusLoss, ML.DiceLoss, softmax=True)
+    loss = DiceFocalPlusLoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, focal_softmax=True, ignore_index=255)
+    x = x.float().requires_grad_(True)
+    forbid_host_syncs(monkeypatch)
+    loss(x, y).backward()
+    assert x.grad is not None
 
 
 @pytest.mark.slow
