@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import struct
 import types
 import warnings
 from typing import Any, NamedTuple
@@ -142,6 +143,12 @@ def _flags(x, mask, ce_weight, softmax, squared, with_ce, focal, cfg):
     )  # fmt: skip
 
 
+def _pair(value: float) -> tuple[float, float]:
+    """``value`` as float32 + float32 remainder (Triton passes Python floats as float32)."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, value - hi
+
+
 def _slots(with_ce: bool, focal: Focal) -> dict[str, int]:
     """Which row of the partial sums holds which term."""
     slots = {"inter": 0, "psum": 1, "tsum": 2}
@@ -182,7 +189,7 @@ def label_terms_forward(
         part = torch.empty((len(slots), b, cfg.programs, c), dtype=dtype, device=x.device)
         k.forward_kernel[(cfg.programs, b)](
             x, labels, x if mask is None else mask, x if w is None else w, part, c, n, b * cfg.programs * c,
-            float(focal.gamma), float(focal.alpha or 0.0),
+            *_pair(focal.gamma), *_pair(focal.alpha or 0.0),
             **_flags(x, mask, w, softmax, squared, with_ce, focal, cfg), num_warps=_FORWARD_WARPS,
         )  # fmt: skip
         sums = part.sum(2, dtype=torch.float64)  # (terms, B, C)
@@ -227,7 +234,7 @@ def label_terms_backward(
         grad = torch.empty((b, c, n), dtype=x.dtype, device=x.device)
         k.backward_kernel[(cfg.programs, b)](
             x, labels, x if mask is None else mask, x if w is None else w, gi, gp, gf, gn, grad, c, n,
-            float(focal.gamma), float(focal.alpha or 0.0),
+            *_pair(focal.gamma), *_pair(focal.alpha or 0.0),
             **_flags(x, mask, w, softmax, squared, with_ce, focal, cfg), num_warps=_BACKWARD_WARPS,
         )  # fmt: skip
     return grad
@@ -345,10 +352,10 @@ def _warm_up(x, mask, ce_weight, softmax, squared, with_ce, focal, cfg) -> None:
     m, wt = x if mask is None else mask, x if w is None else w
     labels, table = x.new_empty((b, n), dtype=torch.int64), x.new_empty((b, c), dtype=dtype)
     with _device_guard(x):
-        k.forward_kernel.warmup(x, labels, m, wt, table, c, n, b * c, 2.0, 0.0, **flags, num_warps=_FORWARD_WARPS,
-                         grid=(1, 1))  # fmt: skip
-        k.backward_kernel.warmup(x, labels, m, wt, table, table, table, table, x, c, n, 2.0, 0.0, **flags,
-                          num_warps=_BACKWARD_WARPS, grid=(1, 1))  # fmt: skip
+        k.forward_kernel.warmup(x, labels, m, wt, table, c, n, b * c, 2.0, 0.0, 0.0, 0.0, **flags,
+                                num_warps=_FORWARD_WARPS, grid=(1, 1))  # fmt: skip
+        k.backward_kernel.warmup(x, labels, m, wt, table, table, table, table, x, c, n, 2.0, 0.0, 0.0, 0.0, **flags,
+                                 num_warps=_BACKWARD_WARPS, grid=(1, 1))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------- traffic

@@ -144,13 +144,16 @@ def _online_stats(x_base, rows, offs, vm, gp_base, C, N, SQUARED: tl.constexpr, 
     return mx + tl.log(z), s
 
 @triton.jit
-def forward_kernel(x_ptr, lab_ptr, m_ptr, w_ptr, part_ptr, C, N, term_stride, gamma, alpha,
+def forward_kernel(x_ptr, lab_ptr, m_ptr, w_ptr, part_ptr, C, N, term_stride, gamma, gamma_lo, alpha, alpha_lo,
             SOFTMAX: tl.constexpr, SQUARED: tl.constexpr, WITH_CE: tl.constexpr, FOCAL: tl.constexpr,
             HAS_MASK: tl.constexpr, HAS_W: tl.constexpr, HAS_ALPHA: tl.constexpr, BLOCK_C: tl.constexpr,
             BLOCK_N: tl.constexpr, C_TILES: tl.constexpr, ITERS: tl.constexpr, TINY: tl.constexpr,
             ACC: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     b = tl.program_id(1)
+    # float arguments arrive in float32: each as a float32 pair (value, remainder), exact in float64 kernels
+    gamma = tl.cast(gamma, ACC) + tl.cast(gamma_lo, ACC)
+    alpha = tl.cast(alpha, ACC) + tl.cast(alpha_lo, ACC)
     rows = tl.arange(0, BLOCK_C)
     cols = tl.arange(0, BLOCK_N)
     x_base = x_ptr + b.to(tl.int64) * C * N
@@ -238,13 +241,17 @@ def _softmax_grad(x, p, hit, gp, gf, m, s, kv, gamma, alpha, SQUARED: tl.constex
     return dx
 
 @triton.jit
-def backward_kernel(x_ptr, lab_ptr, m_ptr, w_ptr, gi_ptr, gp_ptr, gf_ptr, gn_ptr, dx_ptr, C, N, gamma, alpha,
+def backward_kernel(x_ptr, lab_ptr, m_ptr, w_ptr, gi_ptr, gp_ptr, gf_ptr, gn_ptr, dx_ptr, C, N, gamma, gamma_lo,
+                    alpha, alpha_lo,
              SOFTMAX: tl.constexpr, SQUARED: tl.constexpr, WITH_CE: tl.constexpr, FOCAL: tl.constexpr,
              HAS_MASK: tl.constexpr, HAS_W: tl.constexpr, HAS_ALPHA: tl.constexpr, BLOCK_C: tl.constexpr,
              BLOCK_N: tl.constexpr, C_TILES: tl.constexpr, ITERS: tl.constexpr, TINY: tl.constexpr,
             ACC: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     b = tl.program_id(1)
+    # float arguments arrive in float32: each as a float32 pair (value, remainder), exact in float64 kernels
+    gamma = tl.cast(gamma, ACC) + tl.cast(gamma_lo, ACC)
+    alpha = tl.cast(alpha, ACC) + tl.cast(alpha_lo, ACC)
     rows = tl.arange(0, BLOCK_C)
     cols = tl.arange(0, BLOCK_N)
     x_base = x_ptr + b.to(tl.int64) * C * N

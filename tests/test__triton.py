@@ -90,6 +90,16 @@ def test_softmax_flags_equal_the_torch_path(monkeypatch, squared, ce, focal, alp
                         with_ce=ce != "none", focal=Focal(focal, 1.5, alpha))  # fmt: skip
 
 
+@pytest.mark.parametrize("softmax", [True, False])
+def test_float64_focal_parameters_are_exact(monkeypatch, softmax):
+    """gamma 1.3 and alpha 0.3 (not float32 numbers) in a float64 kernel: agreement to float64 rounding. (The
+    softmax form without alpha: the torch path's ``_ops._class_alpha`` makes its class factors float32, a
+    ``torch.where`` of two Python floats.)"""
+    x, labels, mask, w = _inputs(2, 4, 19)
+    _assert_paths_agree(monkeypatch, x, labels, mask, w, rtol=1e-12, atol=1e-14, softmax=softmax,
+                        focal=Focal(2, 1.3, None) if softmax else Focal(1, 1.3, 0.3))  # fmt: skip
+
+
 @pytest.mark.parametrize("squared,focal,alpha,masked", _SIGMOID_FLAGS)
 def test_sigmoid_flags_equal_the_torch_path(monkeypatch, squared, focal, alpha, masked):
     x, labels, mask, w = _inputs(2, 5, 37, masked=masked)
@@ -511,7 +521,7 @@ for dtype, c, softmax, squared, with_ce, focal in json.loads(sys.argv[1]):
     flags = _triton._flags(x, x, x, softmax, squared, with_ce, Focal(focal, 2.0, 0.25), cfg)
     acc = "*fp64" if dtype == torch.float64 else "*fp32"
     kinds = {"x_ptr": PTR[dtype], "dx_ptr": PTR[dtype], "lab_ptr": "*i64", "m_ptr": "*fp32", "C": "i32", "N": "i32",
-             "term_stride": "i32", "gamma": "fp32", "alpha": "fp32"}
+             "term_stride": "i32", "gamma": "fp32", "gamma_lo": "fp32", "alpha": "fp32", "alpha_lo": "fp32"}
     for kernel, warps in ((k.forward_kernel, _triton._FORWARD_WARPS), (k.backward_kernel, _triton._BACKWARD_WARPS)):
         sig = {a: "constexpr" if a in flags else kinds.get(a, acc) for a in kernel.arg_names}
         src = ASTSource(fn=kernel, signature=sig, constexprs=flags)
