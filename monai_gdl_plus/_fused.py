@@ -50,6 +50,7 @@ from monai_gdl_plus._ops import (
     softmax_focal,
     softmax_focal_grad,
 )
+from monai_gdl_plus._triton import label_terms_backward, label_terms_forward, triton_label_terms, use_triton
 
 __all__ = ["fused_label_terms"]
 
@@ -221,6 +222,10 @@ _OP_FLAGS = "bool softmax, bool squared, bool with_ce, int focal=0, float gamma=
     schema=f"({_OP_ARGS}, {_OP_FLAGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def _label_terms_op(x, labels, mask, ce_weight, softmax, squared, with_ce, focal=0, gamma=2.0, alpha=None):
+    spec = Focal(focal, gamma, alpha)
+    if use_triton(x, mask, ce_weight, softmax=softmax, squared=squared, with_ce=with_ce, focal=spec):  # CUDA: Triton
+        out = label_terms_forward(x, labels, mask, ce_weight, softmax, squared, with_ce, spec)
+        return tuple(t.clone() for t in out)  # views of one buffer: an op's outputs may not alias each other
     dtype = torch.promote_types(x.dtype, torch.float32)
     with autocast_off(x.device):
         out = _forward_chunks(x, labels, mask, ce_weight, softmax, squared, dtype, with_ce, Focal(focal, gamma, alpha))
@@ -246,6 +251,8 @@ def _label_terms_backward_op(
     alpha=None,
 ):  # fmt: skip
     flags = (softmax, squared, with_ce, Focal(focal, gamma, alpha))
+    if use_triton(x, mask, ce_weight, softmax=softmax, squared=squared, with_ce=with_ce, focal=flags[3]):
+        return label_terms_backward(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, g_focal, *flags)
     return _gradient(x, labels, mask, ce_weight, g_inter, g_psum, g_nll, g_focal, *flags)
 
 
@@ -388,6 +395,12 @@ def fused_label_terms(
         raise ValueError("`with_ce=True` needs `softmax=True` in fused_label_terms.")
     if focal.kind == 2 and not softmax:
         raise ValueError("the softmax-form focal term needs `softmax=True` in fused_label_terms.")
+    if not torch.compiler.is_compiling() and use_triton(
+        x, mask, ce_weight, softmax=softmax, squared=squared, with_ce=with_ce, focal=focal
+    ):  # the Triton kernels (CUDA, or forced): monai_gdl_plus._triton
+        return triton_label_terms(
+            x, labels, mask, softmax=softmax, squared=squared, ce_weight=ce_weight, with_ce=with_ce, focal=focal
+        )
     if torch.compiler.is_compiling():
         return _label_terms_op(x, labels, mask, ce_weight, softmax, squared, with_ce, *focal)
     return _FusedLabelTerms.apply(x, labels, mask, ce_weight, softmax, squared, with_ce, focal)

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton's interpreter for the Triton kernels' tests (tests/test__triton.py) on machines without a GPU: Triton reads
+# it when `triton` is imported (torch._inductor imports it too), so it is set before any test module loads. Nothing
+# else runs Triton on CPU tensors (inductor generates C++ there).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from cases import _make_case
 
 
