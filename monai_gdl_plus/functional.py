@@ -56,6 +56,7 @@ from monai_gdl_plus._ops import (
     value_check,
     wide,
 )
+from monai_gdl_plus._triton import kernel_traffic  # the Triton kernels' bytes and launches per step (public here)
 from monai_gdl_plus.options import AbsentWeight, DiceOptions, GeneralizedDiceOptions, WType
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "dice_plus_loss",
     "extra_terms",
     "gdl_weights",
+    "kernel_traffic",
     "generalized_dice_from_terms",
     "generalized_dice_plus_loss",
     "label_map",

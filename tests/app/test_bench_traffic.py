@@ -119,10 +119,21 @@ def test_the_library_custom_op_is_counted_by_its_inner_ops():
     assert got.bytes_read >= x.numel() * F32
 
 
-def _row(key: str, device: str = "meta", shape=(2, 16, 16, 16, 16)) -> dict:
-    (row,) = traffic.traffic_rows([shape], losses=[key], device=device)
+def _row(key: str, device="meta", shape=(2, 16, 16, 16, 16), source="aten ops", dtype="float32") -> dict:
+    rows = traffic.traffic_rows([shape], losses=[key], device=device, dtype=dtype)
+    (row,) = [r for r in rows if r["source"] == source]
     assert row["status"] == "ok", row["status"]
     return row
+
+
+@pytest.mark.parametrize("key", ["ours-dice", "ours-dicece", "ours-dicefocal"])
+def test_the_triton_kernels_move_about_the_floor(key):
+    """The library's Triton kernels (their own count of loads and stores, through ``functional.kernel_traffic``): one
+    read of the logits forward, one read and one gradient write backward, plus the int64 labels (read twice: 16/C
+    bytes a logit, 0.25 L at C = 16) -- 3.3 L in at most 7 launches, against the torch path's 15.8 L in hundreds."""
+    row = _row(key, shape=(2, 16, 64, 64, 64), source="kernels")
+    assert 3.0 <= row["total_L"] <= 3.4 and row["written_L"] == pytest.approx(1.0, abs=0.03)
+    assert row["launches"] <= 7
 
 
 @pytest.mark.parametrize("device", ["meta", "cpu"])
@@ -165,7 +176,7 @@ def test_our_losses_are_counted_on_their_torch_path(monkeypatch):
 
     monkeypatch.setenv(traffic.KERNELS_ENV, "triton")
     monkeypatch.setattr(registry, "build_loss", lambda key: loss)
-    (row,) = traffic.traffic_rows([(1, 3, 4, 4, 4)], losses=["ours-dice"])
+    (row, _kernels) = traffic.traffic_rows([(1, 3, 4, 4, 4)], losses=["ours-dice"])
     assert seen == ["torch"] and os.environ[traffic.KERNELS_ENV] == "triton" and row["status"] == "ok"
     monkeypatch.delenv(traffic.KERNELS_ENV)
     traffic.traffic_rows([(1, 3, 4, 4, 4)], losses=["ours-dice"])
@@ -183,6 +194,7 @@ def test_a_kernel_source_gives_a_row_per_loss_of_ours(monkeypatch):
         raise RuntimeError("no kernel for that")
 
     monkeypatch.setattr(traffic, "KERNEL_SOURCES", {})
+    monkeypatch.setattr(traffic, "LIBRARY_KERNEL_TRAFFIC", ("monai_gdl_plus.functional", "no_such_count"))
     traffic.register_kernel_source("fake", "fake kernels", fake)
     traffic.register_kernel_source("broken", "broken kernels", broken)
     rows = traffic.traffic_rows([(1, 3, 4, 4, 4)], losses=["ours-dice", "ours-dicece", "monai-dice"])
@@ -218,8 +230,7 @@ def test_the_library_kernel_count_is_picked_up_when_published(monkeypatch):
 def test_half_logits_count_l_in_their_own_bytes():
     """L is the logits' bytes in their dtype; our path computes in float32, so its multiple of L is larger."""
     shape = (2, 16, 16, 16, 16)
-    (half,) = traffic.traffic_rows([shape], losses=["ours-dice"], dtype="float16")
-    (full,) = traffic.traffic_rows([shape], losses=["ours-dice"])
+    half, full = (_row("ours-dice", shape=shape, dtype=dtype) for dtype in ("float16", "float32"))
     assert half["logits_bytes"] == 2 * 16 * 16**3 * 2 and full["logits_bytes"] == 2 * half["logits_bytes"]
     assert half["dtype"] == "float16" and half["total_L"] > full["total_L"] + 10
 
