@@ -450,7 +450,9 @@ class GeneralizedWassersteinDicePlusLoss(_Loss):
     ``a_k = 1 / (V_k + 1)`` from the class volumes ``V_k``, ``D = sum_n a_{y_n} (2 - w_n)``. Computed from per-class
     sums (``functional.wasserstein_terms``), without a one-hot or MONAI's (B, C, N) map of gathered distances.
 
-    With MONAI's arguments the value and gradient equal MONAI's. Positional arguments in MONAI's order; the
+    With MONAI's arguments the value and gradient equal MONAI's (1.6 on; before 1.6 MONAI's loss mixes the samples
+    of a batch, its class weights broadcasting against every sample's distances, and cannot shape
+    ``reduction="none"``: one sample at a time the values agree). Positional arguments in MONAI's order; the
     extensions are keyword-only; every option is also an attribute (``loss.weighting_mode``).
 
     Args:

@@ -284,13 +284,32 @@ def _dist_matrix(c: int, kind: str, dtype=torch.float64) -> torch.Tensor:
     return (m + m.T).fill_diagonal_(0.0) / 2.0
 
 
+# before MONAI 1.6, GeneralizedWassersteinDiceLoss mixed the samples of a batch (its (B, 1, N) class weights broadcast
+# against the (B, N) distances into (B, B, N)) and could not reshape reduction="none" into (B, C, 1, ...); one sample
+# at a time it is right. On those releases the reference runs it per sample and reduces as 1.6 does.
+_GWDL_PER_SAMPLE = tuple(int(v) for v in monai.__version__.split(".")[:2]) < (1, 6)
+
+
+def _monai_gwdl(dist_matrix, weighting_mode="default", reduction="mean", smooth_nr=1e-5, smooth_dr=1e-5):
+    """MONAI's GeneralizedWassersteinDiceLoss, on any supported MONAI (see ``_GWDL_PER_SAMPLE``)."""
+    if not _GWDL_PER_SAMPLE:
+        return ML.GeneralizedWassersteinDiceLoss(dist_matrix, weighting_mode, reduction, smooth_nr, smooth_dr)
+    one = ML.GeneralizedWassersteinDiceLoss(dist_matrix, weighting_mode, "sum", smooth_nr, smooth_dr)
+
+    def per_sample(x, y):
+        f = torch.stack([one(x[i: i + 1], y[i: i + 1]) for i in range(x.shape[0])])
+        return {"mean": f.mean(), "sum": f.sum()}.get(reduction, f)
+
+    return per_sample
+
+
 def _gwdl_case(dims, c, matrix, target_form, weighting_mode, reduction, dtype=torch.float64):
     """(ours, MONAI's, logits, labels) of one GWDL_GRID row: labels (B, 1, *S) or (B, *S); the last sample lacks the
     last class."""
     x, labels = _make_case((SHAPES[dims][0], c, *SHAPES[dims][2:]), dtype=dtype)
     m = _dist_matrix(c, matrix, torch.float32)
     ours = GeneralizedWassersteinDicePlusLoss(m, weighting_mode, reduction)
-    theirs = ML.GeneralizedWassersteinDiceLoss(m, weighting_mode, reduction)
+    theirs = _monai_gwdl(m, weighting_mode, reduction)
     return ours, theirs, x, labels if target_form == "B1S" else labels[:, 0]
 
 
@@ -1403,7 +1422,7 @@ def test_gwdl_smoothing_and_matrix_forms_match_monai(make_case, parity_record, s
     for m in (torch.tensor(_BRATS_M, dtype=torch.float64) * 7, torch.tensor(_BRATS_M).numpy(), _BRATS_M):
         mm = torch.as_tensor(m)
         ours = GeneralizedWassersteinDicePlusLoss(m, weighting_mode, "none", smooth_nr, smooth_dr)
-        theirs = ML.GeneralizedWassersteinDiceLoss(mm.numpy(), weighting_mode, "none", smooth_nr, smooth_dr)
+        theirs = _monai_gwdl(mm.numpy(), weighting_mode, "none", smooth_nr, smooth_dr)
         _assert_parity(parity_record, "GeneralizedWassersteinDiceLoss", ours, theirs, x, labels)
 
 
@@ -1411,7 +1430,7 @@ def test_gwdl_float32_parity_spot_check(make_case, parity_record):
     x, labels = make_case(SHAPES["3d"], dtype=torch.float32)
     for mode in ("default", "GDL"):
         ours = GeneralizedWassersteinDicePlusLoss(_BRATS_M, mode)
-        theirs = ML.GeneralizedWassersteinDiceLoss(torch.tensor(_BRATS_M), mode)
+        theirs = _monai_gwdl(torch.tensor(_BRATS_M), mode)
         _assert_parity(parity_record, "float32 spot checks", ours, theirs, x, labels)
 
 
@@ -1450,7 +1469,7 @@ def test_gwdl_ignore_index_equals_monai_on_the_cropped_volume(parity_record, ign
     labels[:, :, :2] = ignore_index
     m = torch.tensor(_BRATS_M[:3]).T[:3].T.contiguous() * 2
     ours = GeneralizedWassersteinDicePlusLoss(m, weighting_mode, "none", ignore_index=ignore_index)
-    theirs = ML.GeneralizedWassersteinDiceLoss(m, weighting_mode, "none")
+    theirs = _monai_gwdl(m, weighting_mode, "none")
     value, grad = _value_and_grad(ours, x, labels)
     crop_value, crop_grad = _value_and_grad(theirs, x[:, :, 2:], labels[:, :, 2:])
     torch.testing.assert_close(value, crop_value, atol=TOL, rtol=0)
@@ -1468,7 +1487,7 @@ def test_gwdl_batch_equals_monai_on_the_batch_as_one_sample(make_case, parity_re
     (the GDL weights then come from the batch volumes); ``"none"`` gives a 0-d value."""
     x, labels = make_case(SHAPES["3d"])
     ours = GeneralizedWassersteinDicePlusLoss(_BRATS_M, weighting_mode, reduction, batch=True)
-    theirs = ML.GeneralizedWassersteinDiceLoss(torch.tensor(_BRATS_M), weighting_mode, "none")
+    theirs = _monai_gwdl(torch.tensor(_BRATS_M), weighting_mode, "none")
 
     def side_by_side(a, y):
         return theirs(torch.cat(a.unbind(0), -1)[None], torch.cat(y.unbind(0), -1)[None])[0]
