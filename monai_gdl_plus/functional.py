@@ -1263,11 +1263,12 @@ def wasserstein_terms(
     probs: torch.Tensor, labels: torch.Tensor, dist_matrix: torch.Tensor, mask: torch.Tensor | None = None
 ) -> WassersteinTerms:
     """:class:`WassersteinTerms` of probabilities ``probs`` (B, C, N) against labels (B, N) in [0, C), without a
-    one-hot and without the (B, C, N) map of gathered distances.
+    one-hot and without the (B, C, N) map of gathered distances: the definition, through autograd.
 
     ``W_k = sum_c M[k, c] S_{k,c}`` from the soft class sums ``S_{k,c} = sum_{n: y_n = k} p_{c,n}``: one class sum
     per channel (``_ops.class_sums``), so the autograd graph keeps only ``probs`` and ``labels``. ``mask`` (B, N),
-    binary, 1 = counted: ignored voxels go to one extra bin that is dropped.
+    binary, 1 = counted: ignored voxels go to one extra bin that is dropped. The loss takes the same sums from the
+    logits chunk by chunk, with an analytic backward (``_SoftClassSums``; tested against this function).
 
     Examples:
         One voxel of class 0 predicted 0.25 / 0.75, one of class 1 predicted certainly; ``M`` = 1 off the diagonal:
@@ -1279,15 +1280,72 @@ def wasserstein_terms(
         WassersteinTerms(distance=tensor([[0.7500, 0.0000]]), volume=tensor([[1., 1.]]))
     """
     c = probs.shape[1]
-    if mask is not None:
-        labels = torch.where(mask > 0, labels, c)
-    bins = c if mask is None else c + 1
+    labels, bins = _binned(labels, mask, c)
     with autocast_off(probs.device):
         # (B, K, C): channel c's probabilities summed per true class k; unbind's backward stacks the C gradients once
-        soft = torch.stack([class_sums(p, labels, bins)[:, :c] for p in probs.unbind(1)], -1)
-        distance = (soft * dist_matrix.to(soft)).sum(-1)
-        volume = class_sums(None, labels, bins)[:, :c]
-    return WassersteinTerms(distance.to(probs.dtype), volume.to(probs.dtype))
+        soft = torch.stack([class_sums(p, labels, bins) for p in probs.unbind(1)], -1)
+        return _distance_terms(soft, labels, bins, dist_matrix, probs.dtype)
+
+
+def _binned(labels: torch.Tensor, mask: torch.Tensor | None, c: int) -> tuple[torch.Tensor, int]:
+    """The labels with ignored voxels (``mask`` 0) moved to one extra bin ``c``, and the number of bins."""
+    if mask is None:
+        return labels, c
+    return torch.where(mask > 0, labels, c), c + 1
+
+
+def _distance_terms(
+    soft: torch.Tensor, labels: torch.Tensor, bins: int, dist_matrix: torch.Tensor, dtype: torch.dtype
+) -> WassersteinTerms:
+    """:class:`WassersteinTerms` from the soft class sums ``soft`` (B, bins, C), the extra bin dropped."""
+    c = soft.shape[-1]
+    distance = (soft[:, :c] * dist_matrix.to(soft)).sum(-1)
+    volume = class_sums(None, labels, bins)[:, :c]
+    return WassersteinTerms(distance.to(dtype), volume.to(dtype))
+
+
+class _SoftClassSums(torch.autograd.Function):
+    """``S[b, k, c] = sum_{n: y_n = k} softmax(x)[b, c, n]`` (float64, (B, bins, C)) from logits (B, C, N), chunk by
+    chunk, and its analytic backward ``dx = p (g - sum_c p g)`` with ``g[b, c, n] = dS[b, y_n, c]``, the softmax
+    recomputed per chunk: nothing logits-sized is kept (the logits are saved, not copied) and the backward allocates
+    only the gradient, so forward+backward peaks near 1x the logits above the inputs."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, labels: torch.Tensor, bins: int) -> torch.Tensor:
+        b, c, n = x.shape
+        ctx.save_for_backward(x, labels)
+        ctx.bins = bins
+        acc = torch.promote_types(x.dtype, torch.float32)
+        channels = torch.arange(c, device=x.device)[None, :, None]
+        soft = torch.zeros((b, bins * c), dtype=torch.float64, device=x.device)
+        step = _ops.chunk_voxels(x)
+        with autocast_off(x.device):
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                p = torch.softmax(x[:, :, lo:hi].to(acc), 1)
+                idx = torch.add(channels, labels[:, None, lo:hi], alpha=c)  # y_n * C + c
+                soft = soft + class_sums(p.reshape(b, -1), idx.reshape(b, -1), bins * c)
+        return soft.view(b, bins, c)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_soft: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        x, labels = ctx.saved_tensors
+        b, c, n = x.shape
+        acc = torch.promote_types(x.dtype, torch.float32)
+        channels = torch.arange(c, device=x.device)[None, :, None]
+        g_flat = grad_soft.reshape(b, -1).to(acc)
+        grad = torch.empty_like(x)
+        step = _ops.chunk_voxels(x)
+        with autocast_off(x.device):
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                p = torch.softmax(x[:, :, lo:hi].to(acc), 1)
+                idx = torch.add(channels, labels[:, None, lo:hi], alpha=c)
+                g = g_flat.gather(1, idx.reshape(b, -1)).view(p.shape)
+                g = g.sub_((p * g).sum(1, keepdim=True)).mul_(p)
+                grad[:, :, lo:hi] = g
+        return grad, None, None
 
 
 def wasserstein_dice_from_terms(
@@ -1322,10 +1380,10 @@ def generalized_wasserstein_dice_plus_loss(
 ) -> torch.Tensor:
     """Generalised Wasserstein Dice loss; see :class:`monai_gdl_plus.GeneralizedWassersteinDicePlusLoss`.
 
-    Steps: the softmax of ``input`` and the label map (:func:`label_map`: range checks, ignored voxels),
-    :func:`wasserstein_terms`, the batch (``batch``) and process (``sync_batch``) sums, then
-    :func:`wasserstein_dice_from_terms` and :func:`reduce_loss`. ``dist_matrix`` is checked and divided by its
-    maximum here (:func:`check_dist_matrix`).
+    Steps: the label map (:func:`label_map`: range checks, ignored voxels), the terms of :func:`wasserstein_terms`
+    of the softmax of ``input`` (taken from the logits chunk by chunk, with an analytic backward), the batch
+    (``batch``) and process (``sync_batch``) sums, then :func:`wasserstein_dice_from_terms` and :func:`reduce_loss`.
+    ``dist_matrix`` is checked and divided by its maximum here (:func:`check_dist_matrix`).
 
     Args:
         input: logits ``(B, C, *spatial)``.
@@ -1362,8 +1420,9 @@ def generalized_wasserstein_dice_plus_loss(
     with autocast_off(x.device):  # sums in float32 or wider whatever autocast would cast them to
         m = check_dist_matrix(dist_matrix, c, validate=o.validate).to(x.device)
         labels, mask = label_map(t, c, o.ignore_index, validate=o.validate)
-        probs = torch.softmax(wide(x).reshape(b, c, -1), 1)
-        terms = wasserstein_terms(probs, labels, m, mask)
+        binned, bins = _binned(labels, mask, c)
+        soft = _SoftClassSums.apply(x.reshape(b, c, -1), binned, bins)
+        terms = _distance_terms(soft, binned, bins, m, torch.promote_types(x.dtype, torch.float32))
         if o.batch:
             terms = WassersteinTerms(*(s.sum(0) for s in terms))
         if o.sync_batch:

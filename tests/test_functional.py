@@ -748,3 +748,34 @@ def test_wasserstein_half_logits_give_the_float32_value(make_case, dtype, weight
     value.backward()
     assert value.dtype == torch.float32 and low.grad.dtype == dtype and torch.isfinite(low.grad).all()
     torch.testing.assert_close(value, loss(low.detach().float(), labels), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("as_accelerator", [False, True], ids=["host", "as-accelerator"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("kw", [dict(), dict(weighting_mode="GDL", ignore_index=255, batch=True)],
+                         ids=["default", "GDL ignore batch"])  # fmt: skip
+def test_wasserstein_loss_in_chunks_equals_the_definition(monkeypatch, as_accelerator, dtype, kw):
+    """The loss's chunked sums from the logits with their analytic backward (several chunks here; blocked class sums
+    in accelerator mode) equal :func:`wasserstein_terms` of the softmax through autograd, value and gradient."""
+    monkeypatch.setitem(_ops.CHUNK_ELEMENTS, "cpu", 3 * 4 * 50)  # 50 voxels per chunk of (B=3, C=4)
+    if as_accelerator:
+        monkeypatch.setattr(_ops, "HOST_DEVICES", set())
+    x, labels = _make_case((3, 4, 7, 6, 5), seed=3)
+    x = x.detach().to(dtype)
+    labels = _with_ignored(labels, 255) if "ignore_index" in kw else labels
+    m = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.6, 0.5], [1.0, 0.6, 0.0, 0.7], [1.0, 0.5, 0.7, 0.0]])
+    o = WassersteinDiceOptions(**kw)
+
+    def definition(t, y):
+        lab, mask = GF.label_map(y, 4, o.ignore_index)
+        terms = GF.wasserstein_terms(torch.softmax(t.double(), 1).reshape(3, 4, -1), lab, m.double(), mask)
+        if o.batch:
+            terms = GF.WassersteinTerms(*(s.sum(0) for s in terms))
+        return GF.reduce_loss(GF.wasserstein_dice_from_terms(terms, o.weighting_mode), o.reduction)
+
+    value, grad = _value_and_grad(lambda t, y: GF.generalized_wasserstein_dice_plus_loss(t, y, m, o), x, labels)
+    ref_value, ref_grad = _value_and_grad(definition, x, labels)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-6}[dtype]
+    assert value.dtype == torch.promote_types(dtype, torch.float32) and grad.dtype == dtype
+    torch.testing.assert_close(value, ref_value.to(value.dtype), atol=tol, rtol=0)
+    torch.testing.assert_close(grad, ref_grad.to(dtype), atol=tol, rtol=1e-3 if dtype == torch.float16 else 1e-6)
