@@ -1305,47 +1305,57 @@ def _distance_terms(
 
 
 class _SoftClassSums(torch.autograd.Function):
-    """``S[b, k, c] = sum_{n: y_n = k} softmax(x)[b, c, n]`` (float64, (B, bins, C)) from logits (B, C, N), chunk by
-    chunk, and its analytic backward ``dx = p (g - sum_c p g)`` with ``g[b, c, n] = dS[b, y_n, c]``, the softmax
-    recomputed per chunk: nothing logits-sized is kept (the logits are saved, not copied) and the backward allocates
-    only the gradient, so forward+backward peaks near 1x the logits above the inputs."""
+    """``S[b, k, c] = sum_{n: y_n = k} softmax(x)[b, c, n]`` (float64, (B, bins, C)) from logits (B, C, N), and its
+    analytic backward ``dx = p (g - sum_c p g)`` with ``g[b, c, n] = dS[b, y_n, c]``.
+
+    Memory: the softmax is taken whole (one logits-sized buffer, freed after the forward, recomputed by the
+    backward, which overwrites it with the gradient it returns); every other per-voxel quantity lives for one
+    cache-sized chunk, and nothing but the logits and labels is saved, so forward+backward peaks near 1x the logits.
+    Class sums: on the host a float32 scatter per chunk along the voxels (the label map expanded, not copied),
+    added up in float64; elsewhere ``_ops.class_sums`` (blocked partial histograms) per chunk.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, labels: torch.Tensor, bins: int) -> torch.Tensor:
-        b, c, n = x.shape
         ctx.save_for_backward(x, labels)
         ctx.bins = bins
-        acc = torch.promote_types(x.dtype, torch.float32)
-        channels = torch.arange(c, device=x.device)[None, :, None]
-        soft = torch.zeros((b, bins * c), dtype=torch.float64, device=x.device)
-        step = _ops.chunk_voxels(x)
+        b, c, n = x.shape
         with autocast_off(x.device):
-            for lo in range(0, n, step):
-                hi = min(n, lo + step)
-                p = torch.softmax(x[:, :, lo:hi].to(acc), 1)
-                idx = torch.add(channels, labels[:, None, lo:hi], alpha=c)  # y_n * C + c
-                soft = soft + class_sums(p.reshape(b, -1), idx.reshape(b, -1), bins * c)
-        return soft.view(b, bins, c)
+            p = torch.softmax(wide(x), 1)
+            soft = torch.zeros((b, c, bins), dtype=torch.float64, device=x.device)
+            host = on_host(x.device)
+            channels = torch.arange(c, device=x.device)[:, None] * bins  # accelerators' bin c * bins + y_n
+            for lo, hi in _chunks(x):
+                pc, lab = p[:, :, lo:hi], labels[:, None, lo:hi]
+                if host:
+                    part = torch.zeros((b, c, bins), dtype=pc.dtype, device=x.device)
+                    soft += part.scatter_add_(2, lab.expand(pc.shape), pc)
+                else:
+                    idx = torch.add(lab, channels).reshape(b, -1)
+                    soft += class_sums(pc.reshape(b, -1), idx, c * bins).view(b, c, bins)
+        return soft.transpose(1, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_soft: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         x, labels = ctx.saved_tensors
         b, c, n = x.shape
-        acc = torch.promote_types(x.dtype, torch.float32)
-        channels = torch.arange(c, device=x.device)[None, :, None]
-        g_flat = grad_soft.reshape(b, -1).to(acc)
-        grad = torch.empty_like(x)
-        step = _ops.chunk_voxels(x)
         with autocast_off(x.device):
-            for lo in range(0, n, step):
-                hi = min(n, lo + step)
-                p = torch.softmax(x[:, :, lo:hi].to(acc), 1)
-                idx = torch.add(channels, labels[:, None, lo:hi], alpha=c)
-                g = g_flat.gather(1, idx.reshape(b, -1)).view(p.shape)
-                g = g.sub_((p * g).sum(1, keepdim=True)).mul_(p)
-                grad[:, :, lo:hi] = g
-        return grad, None, None
+            p = torch.softmax(wide(x), 1)  # becomes the gradient, chunk by chunk
+            table = grad_soft.transpose(1, 2).to(p.dtype).contiguous()  # [b, c, k] = dS[b, k, c]
+            for lo, hi in _chunks(x):
+                pc, lab = p[:, :, lo:hi], labels[:, None, lo:hi]
+                g = table.gather(2, lab.expand(pc.shape))
+                pc.mul_(g.sub_((g * pc).sum(1, keepdim=True)))
+        return p.to(x.dtype), None, None
+
+
+def _chunks(x: torch.Tensor) -> list[tuple[int, int]]:
+    """Voxel ranges of quarter-size chunks (``_ops.chunk_voxels``) of a (B, C, N) tensor: their temporaries stay in
+    cache."""
+    n = x.shape[-1]
+    step = max(1, _ops.chunk_voxels(x) // 4)
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
 
 def wasserstein_dice_from_terms(
