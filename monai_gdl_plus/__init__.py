@@ -10,6 +10,7 @@ from monai_gdl_plus.losses import (
     DicePlusLoss,
     GeneralizedDiceFocalPlusLoss,
     GeneralizedDicePlusLoss,
+    GeneralizedWassersteinDicePlusLoss,
     MaskedDicePlusLoss,
     TverskyPlusLoss,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "DicePlusLoss",
     "GeneralizedDiceFocalPlusLoss",
     "GeneralizedDicePlusLoss",
+    "GeneralizedWassersteinDicePlusLoss",
     "MaskedDicePlusLoss",
     "PerClassDice",
     "PerClassDiceLogger",

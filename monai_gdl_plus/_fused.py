@@ -49,10 +49,11 @@ from monai_gdl_plus._ops import (
     sigmoid_focal_label_sums,
     softmax_focal,
     softmax_focal_grad,
+    wide,
 )
 from monai_gdl_plus._triton import label_terms_backward, label_terms_forward, triton_label_terms, use_triton
 
-__all__ = ["fused_label_terms"]
+__all__ = ["fused_label_terms", "soft_class_sums"]
 
 # CPU softmax without the max pass: exp(x) is taken as is when each voxel's sum of exponentials lands in
 # [1 / 2^k, 2^k] (k below; logits up to about +-66 in float32), otherwise that chunk is redone with the max
@@ -404,3 +405,67 @@ def fused_label_terms(
     if torch.compiler.is_compiling():
         return _label_terms_op(x, labels, mask, ce_weight, softmax, squared, with_ce, *focal)
     return _FusedLabelTerms.apply(x, labels, mask, ce_weight, softmax, squared, with_ce, focal)
+
+
+# ------------------------------------------------------------------------- the Wasserstein loss's soft class sums
+
+
+def soft_class_sums(x: torch.Tensor, labels: torch.Tensor, bins: int) -> torch.Tensor:
+    """``S[b, k, c] = sum_{n: labels[b, n] = k} softmax(x)[b, c, n]``, float64 (B, bins, C), of logits (B, C, N) and
+    labels (B, N) in [0, bins), one-hot-free and with an analytic backward (:class:`_SoftClassSums`): the per-voxel
+    part of :func:`monai_gdl_plus.functional.generalized_wasserstein_dice_plus_loss`."""
+    return _SoftClassSums.apply(x, labels, bins)
+
+
+class _SoftClassSums(torch.autograd.Function):
+    """``S[b, k, c] = sum_{n: y_n = k} softmax(x)[b, c, n]`` (float64, (B, bins, C)) from logits (B, C, N), and its
+    analytic backward ``dx = p (g - sum_c p g)`` with ``g[b, c, n] = dS[b, y_n, c]``.
+
+    Memory: the softmax is taken whole (one logits-sized buffer, freed after the forward, recomputed by the
+    backward, which overwrites it with the gradient it returns); every other per-voxel quantity lives for one
+    cache-sized chunk, and nothing but the logits and labels is saved, so forward+backward peaks near 1x the logits.
+    Class sums: on the host a float32 scatter per chunk along the voxels (the label map expanded, not copied),
+    added up in float64; elsewhere :func:`class_sums` (blocked partial histograms) per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, labels: torch.Tensor, bins: int) -> torch.Tensor:
+        ctx.save_for_backward(x, labels)
+        ctx.bins = bins
+        b, c, n = x.shape
+        with autocast_off(x.device):
+            p = torch.softmax(wide(x), 1)
+            soft = torch.zeros((b, c, bins), dtype=torch.float64, device=x.device)
+            host = on_host(x.device)
+            channels = torch.arange(c, device=x.device)[:, None] * bins  # accelerators' bin c * bins + y_n
+            for lo, hi in _quarter_chunks(x):
+                pc, lab = p[:, :, lo:hi], labels[:, None, lo:hi]
+                if host:
+                    part = torch.zeros((b, c, bins), dtype=pc.dtype, device=x.device)
+                    soft += part.scatter_add_(2, lab.expand(pc.shape), pc)
+                else:
+                    idx = torch.add(lab, channels).reshape(b, -1)
+                    soft += class_sums(pc.reshape(b, -1), idx, c * bins).view(b, c, bins)
+        return soft.transpose(1, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_soft: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        x, labels = ctx.saved_tensors
+        b, c, n = x.shape
+        with autocast_off(x.device):
+            p = torch.softmax(wide(x), 1)  # becomes the gradient, chunk by chunk
+            table = grad_soft.transpose(1, 2).to(p.dtype).contiguous()  # [b, c, k] = dS[b, k, c]
+            for lo, hi in _quarter_chunks(x):
+                pc, lab = p[:, :, lo:hi], labels[:, None, lo:hi]
+                g = table.gather(2, lab.expand(pc.shape))
+                pc.mul_(g.sub_((g * pc).sum(1, keepdim=True)))
+        return p.to(x.dtype), None, None
+
+
+def _quarter_chunks(x: torch.Tensor) -> list[tuple[int, int]]:
+    """Voxel ranges of quarter-size chunks (``_ops.chunk_voxels``) of a (B, C, N) tensor: their temporaries stay in
+    cache."""
+    n = x.shape[-1]
+    step = max(1, chunk_voxels(x) // 4)
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]

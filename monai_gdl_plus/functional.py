@@ -40,7 +40,7 @@ from typing import NamedTuple, TypeVar
 import torch
 
 from monai_gdl_plus import _ops
-from monai_gdl_plus._fused import fused_label_terms
+from monai_gdl_plus._fused import fused_label_terms, soft_class_sums
 from monai_gdl_plus._ops import (
     LOW_PRECISION,
     NO_FOCAL,
@@ -49,6 +49,7 @@ from monai_gdl_plus._ops import (
     SoftDice,
     autocast_off,
     checks_enabled,
+    class_sums,
     counted_weight,
     on_host,
     plain_terms,
@@ -57,14 +58,16 @@ from monai_gdl_plus._ops import (
     wide,
 )
 from monai_gdl_plus._triton import kernel_traffic  # the Triton kernels' bytes and launches per step (public here)
-from monai_gdl_plus.options import AbsentWeight, DiceOptions, GeneralizedDiceOptions, WType
+from monai_gdl_plus.options import AbsentWeight, DiceOptions, GeneralizedDiceOptions, WassersteinDiceOptions, WType
 
 __all__ = [
     "DiceTerms",
     "Prepared",
     "Terms",
+    "WassersteinTerms",
     "Weights",
     "check_binary",
+    "check_dist_matrix",
     "check_integer_labels",
     "check_label_range",
     "check_weight",
@@ -77,6 +80,7 @@ __all__ = [
     "kernel_traffic",
     "generalized_dice_from_terms",
     "generalized_dice_plus_loss",
+    "generalized_wasserstein_dice_plus_loss",
     "label_map",
     "label_terms",
     "per_class_terms",
@@ -85,6 +89,8 @@ __all__ = [
     "reduce_loss",
     "soft_terms",
     "tversky_from_terms",
+    "wasserstein_dice_from_terms",
+    "wasserstein_terms",
 ]
 
 
@@ -453,8 +459,8 @@ def per_class_terms(prep: Prepared, options: DiceOptions, weights: Weights | Non
     fused = None
     if prep.labels is not None and (softmax or sigmoid) and _ops.FUSED_ROUTE:
         fused, ce, focal = _fused_terms(prep, o, softmax, ce, focal)
-    dice = None if fused else SoftDice(sigmoid, softmax, o.other_act, o.squared_pred, o.soft_label)
-    sums, ce_sums, focal_sums = plain_terms(x, prep.labels, prep.target, prep.mask, dice=dice, ce=ce, focal=focal)
+    soft = None if fused else SoftDice(sigmoid, softmax, o.other_act, o.squared_pred, o.soft_label)
+    sums, ce_sums, focal_sums = plain_terms(x, prep.labels, prep.target, prep.mask, dice=soft, ce=ce, focal=focal)
     if fused is None:
         assert sums is not None  # asked for
         fused = Terms(DiceTerms(*sums[:3]), sums[3])
@@ -995,3 +1001,216 @@ def _options(cls: type[_O], options: _O | None, kwargs: dict) -> _O:
 
 def _weight(weight: Sequence[float] | float | torch.Tensor | None) -> torch.Tensor | None:
     return check_weight(weight, copy=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the generalised Wasserstein Dice loss (Fidon et al. 2017; GDL weighting: Tilborghs et al. 2020)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class WassersteinTerms(NamedTuple):
+    """Per-(sample, true class) sums of the generalised Wasserstein Dice loss, (B, C) or (C,) once summed over the
+    batch, in float32 or wider.
+
+    Attributes:
+        distance: ``W_k``, the sum over the counted voxels labelled k of their Wasserstein distance
+            ``w_n = sum_c M[k, c] p_{c,n}``.
+        volume: ``V_k``, the number of counted voxels labelled k (no gradient).
+    """
+
+    distance: torch.Tensor
+    volume: torch.Tensor
+
+
+def check_dist_matrix(
+    dist_matrix: torch.Tensor | Sequence[Sequence[float]] | object, num_classes: int | None = None, *,
+    validate: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """The class distance matrix ``M`` (a C x C tensor, numpy array or nested sequence) as a floating tensor divided
+    by its maximum, as MONAI's ``GeneralizedWassersteinDiceLoss`` takes it (a matrix whose maximum is 1 is unchanged).
+
+    Shapes are checked always: square, and C x C for ``num_classes`` C. Values -- finite, no less than 0, a
+    positive maximum -- where a value check costs no sync (see ``_ops.value_check``; device assertions elsewhere,
+    skipped while ``torch.compile`` traces).
+
+    Raises:
+        TypeError: not convertible to a tensor.
+        ValueError: not square, not C x C, or bad values, naming ``dist_matrix``.
+
+    Examples:
+        >>> import numpy as np
+        >>> from monai_gdl_plus.functional import check_dist_matrix
+        >>> check_dist_matrix(np.array([[0.0, 2.0], [2.0, 0.0]]))
+        tensor([[0., 1.],
+                [1., 0.]], dtype=torch.float64)
+        >>> check_dist_matrix([[0.0, 1.0], [1.0, 0.0]], num_classes=3)
+        Traceback (most recent call last):
+        ...
+        ValueError: `dist_matrix` must be C x C for the C = 3 channels of `input`, got shape (2, 2).
+    """
+    try:
+        m = torch.as_tensor(dist_matrix)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"`dist_matrix` must be a C x C tensor or array of distances, got {dist_matrix!r}.") from e
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"`dist_matrix` must be a square C x C matrix, got shape {tuple(m.shape)}.")
+    if num_classes is not None and m.shape[0] != num_classes:
+        raise ValueError(
+            f"`dist_matrix` must be C x C for the C = {num_classes} channels of `input`, got shape {tuple(m.shape)}."
+        )
+    m = m if m.is_floating_point() else m.to(torch.float32)
+    top = m.amax()
+    if checks_enabled(m):
+        ok = torch.isfinite(m).all() & (m >= 0).all() & (top > 0)
+        value_check(ok, "`dist_matrix` must hold finite distances no less than 0 with a positive maximum.", validate)
+    return m / top
+
+
+def wasserstein_terms(
+    probs: torch.Tensor, labels: torch.Tensor, dist_matrix: torch.Tensor, mask: torch.Tensor | None = None
+) -> WassersteinTerms:
+    """:class:`WassersteinTerms` of probabilities ``probs`` (B, C, N) against labels (B, N) in [0, C), without a
+    one-hot and without the (B, C, N) map of gathered distances: the definition, through autograd.
+
+    ``W_k = sum_c M[k, c] S_{k,c}`` from the soft class sums ``S_{k,c} = sum_{n: y_n = k} p_{c,n}``: one class sum
+    per channel (``_ops.class_sums``), so the autograd graph keeps only ``probs`` and ``labels``. ``mask`` (B, N),
+    binary, 1 = counted: ignored voxels go to one extra bin that is dropped. The loss takes the same sums from the
+    logits chunk by chunk, with an analytic backward (``_fused.soft_class_sums``; tested against this function).
+
+    Examples:
+        One voxel of class 0 predicted 0.25 / 0.75, one of class 1 predicted certainly; ``M`` = 1 off the diagonal:
+
+        >>> import torch
+        >>> from monai_gdl_plus.functional import wasserstein_terms
+        >>> p = torch.tensor([[[0.25, 0.0], [0.75, 1.0]]])  # (B=1, C=2, N=2)
+        >>> wasserstein_terms(p, torch.tensor([[0, 1]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+        WassersteinTerms(distance=tensor([[0.7500, 0.0000]]), volume=tensor([[1., 1.]]))
+    """
+    c = probs.shape[1]
+    labels, bins = _binned(labels, mask, c)
+    with autocast_off(probs.device):
+        # (B, K, C): channel c's probabilities summed per true class k; unbind's backward stacks the C gradients once
+        soft = torch.stack([class_sums(p, labels, bins) for p in probs.unbind(1)], -1)
+        return _distance_terms(soft, labels, bins, dist_matrix, probs.dtype)
+
+
+def _binned(labels: torch.Tensor, mask: torch.Tensor | None, c: int) -> tuple[torch.Tensor, int]:
+    """The labels with ignored voxels (``mask`` 0) moved to one extra bin ``c``, and the number of bins."""
+    if mask is None:
+        return labels, c
+    return torch.where(mask > 0, labels, c), c + 1
+
+
+def _distance_terms(
+    soft: torch.Tensor, labels: torch.Tensor, bins: int, dist_matrix: torch.Tensor, dtype: torch.dtype
+) -> WassersteinTerms:
+    """:class:`WassersteinTerms` from the soft class sums ``soft`` (B, bins, C), the extra bin dropped."""
+    c = soft.shape[-1]
+    distance = (soft[:, :c] * dist_matrix.to(soft)).sum(-1)
+    volume = class_sums(None, labels, bins)[:, :c]
+    return WassersteinTerms(distance.to(dtype), volume.to(dtype))
+
+
+def wasserstein_dice_from_terms(
+    terms: WassersteinTerms, weighting_mode: str = "default", smooth_nr: float = 1e-5, smooth_dr: float = 1e-5
+) -> torch.Tensor:
+    """Generalised Wasserstein Dice loss ``1 - (2 TP + smooth_nr) / (D + smooth_dr)`` from :class:`WassersteinTerms`.
+
+    With class weights ``a_k`` the true positives are ``TP = sum_k a_k (V_k - W_k)`` (the voxels' ``1 - w_n``);
+    ``"default"`` (Fidon et al. 2017): ``a_0 = 0``, ``a_k = 1`` otherwise, ``D = 2 TP + sum_k W_k`` (every voxel's
+    error); ``"GDL"`` (Tilborghs et al. 2020): ``a_k = 1 / (V_k + 1)``, ``D = sum_k a_k (2 V_k - W_k)``.
+
+    Returns:
+        (B,), or 0-d for terms summed over the batch.
+    """
+    w, v = terms
+    if weighting_mode == "GDL":
+        alpha = 1.0 / (v.detach() + 1.0)
+        tp = (alpha * (v - w)).sum(-1)
+        den = (alpha * (2.0 * v - w)).sum(-1)
+    else:
+        tp = (v[..., 1:] - w[..., 1:]).sum(-1)
+        den = 2.0 * tp + w.sum(-1)
+    return 1.0 - (2.0 * tp + smooth_nr) / (den + smooth_dr)
+
+
+def generalized_wasserstein_dice_plus_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    dist_matrix: torch.Tensor | Sequence[Sequence[float]] | object,
+    options: WassersteinDiceOptions | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Generalised Wasserstein Dice loss; see :class:`monai_gdl_plus.GeneralizedWassersteinDicePlusLoss`.
+
+    Steps: the label map (:func:`label_map`: range checks, ignored voxels), the terms of :func:`wasserstein_terms`
+    of the softmax of ``input`` (taken from the logits chunk by chunk, with an analytic backward), the batch
+    (``batch``) and process (``sync_batch``) sums, then :func:`wasserstein_dice_from_terms` and :func:`reduce_loss`.
+    ``dist_matrix`` is checked and divided by its maximum here (:func:`check_dist_matrix`).
+
+    Args:
+        input: logits ``(B, C, *spatial)``.
+        target: labels ``(B, *spatial)`` or ``(B, 1, *spatial)``.
+        dist_matrix: C x C class distances.
+        options: a :class:`~monai_gdl_plus.options.WassersteinDiceOptions`; or None and its fields as keywords.
+
+    Returns:
+        a scalar for ``"mean"``/``"sum"``; for ``"none"`` one value per sample (B,), or 0-d with ``batch=True``.
+
+    Examples:
+        >>> import torch
+        >>> from monai.losses import GeneralizedWassersteinDiceLoss
+        >>> from monai_gdl_plus.functional import generalized_wasserstein_dice_plus_loss
+        >>> m = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.5], [1.0, 0.5, 0.0]])
+        >>> x, y = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 1])
+        >>> y = y.repeat(2, 4, 1)  # (B=2, 4, 4) labels
+        >>> ours = generalized_wasserstein_dice_plus_loss(x, y, m, weighting_mode="GDL")
+        >>> torch.allclose(ours, GeneralizedWassersteinDiceLoss(m, weighting_mode="GDL")(x, y))
+        True
+    """
+    o = _wasserstein_options(options, kwargs)
+    x, t = plain_tensor(input), plain_tensor(target)
+    if x.ndim < 2:
+        raise ValueError(f"`input` must have shape (B, C, *spatial), got {tuple(x.shape)}.")
+    b, c = x.shape[:2]
+    if t.shape != x.shape[:1] + x.shape[2:] and t.shape != (b, 1, *x.shape[2:]):
+        raise ValueError(
+            f"`target` must be a label map of shape (B, *spatial) or (B, 1, *spatial) matching `input`: got target "
+            f"shape {tuple(t.shape)} and input shape {tuple(x.shape)}."
+        )
+    if o.validate and checks_enabled(x) and not bool(torch.isfinite(x).all()):
+        raise ValueError("`input` contains NaN or Inf values (found by `validate=True`).")
+    with autocast_off(x.device):  # sums in float32 or wider whatever autocast would cast them to
+        m = check_dist_matrix(dist_matrix, c, validate=o.validate).to(x.device)
+        labels, mask = label_map(t, c, o.ignore_index, validate=o.validate)
+        binned, bins = _binned(labels, mask, c)
+        soft = soft_class_sums(x.reshape(b, c, -1), binned, bins)
+        terms = _distance_terms(soft, binned, bins, m, torch.promote_types(x.dtype, torch.float32))
+        if o.batch:
+            terms = WassersteinTerms(*(s.sum(0) for s in terms))
+        if o.sync_batch:
+            terms = _sync_wasserstein(terms)
+        f = wasserstein_dice_from_terms(terms, o.weighting_mode, o.smooth_nr, o.smooth_dr)
+        return reduce_loss(f, o.reduction)
+
+
+def _wasserstein_options(options: WassersteinDiceOptions | None, kwargs: dict) -> WassersteinDiceOptions:
+    if options is None:
+        return WassersteinDiceOptions(**kwargs)
+    if kwargs:
+        raise TypeError(f"give either `options` or option keywords, not both (got options and {sorted(kwargs)}).")
+    if not isinstance(options, WassersteinDiceOptions):
+        raise TypeError(f"`options` must be a WassersteinDiceOptions, got {type(options).__name__}.")
+    return options
+
+
+def _sync_wasserstein(terms: WassersteinTerms) -> WassersteinTerms:
+    """``sync_batch``: the batch sums of every process added up, with gradient, in one collective (a no-op without an
+    initialised process group, or with one process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return terms
+    from torch.distributed.nn.functional import all_reduce  # differentiable: its backward all-reduces the gradient
+
+    both = all_reduce(torch.stack([terms.distance, terms.volume.to(terms.distance.dtype)]))
+    return WassersteinTerms(both[0], both[1].to(terms.volume.dtype))

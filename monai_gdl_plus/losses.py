@@ -17,7 +17,7 @@ import torch
 from torch.nn.modules.loss import _Loss
 
 from monai_gdl_plus import functional as GF
-from monai_gdl_plus.options import DiceOptions, GeneralizedDiceOptions
+from monai_gdl_plus.options import DiceOptions, GeneralizedDiceOptions, WassersteinDiceOptions
 
 __all__ = [
     "DiceCEPlusLoss",
@@ -25,6 +25,7 @@ __all__ = [
     "DicePlusLoss",
     "GeneralizedDiceFocalPlusLoss",
     "GeneralizedDicePlusLoss",
+    "GeneralizedWassersteinDicePlusLoss",
     "MaskedDicePlusLoss",
     "TverskyPlusLoss",
 ]
@@ -435,3 +436,102 @@ class GeneralizedDiceFocalPlusLoss(GeneralizedDicePlusLoss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of ``input`` (logits) against ``target``; ``weight`` goes to the focal term alone (MONAI's rule)."""
         return GF.generalized_dice_plus_loss(input, target, self.options, focal_weight=self.class_weight)
+
+
+class GeneralizedWassersteinDicePlusLoss(_Loss):
+    """Generalised Wasserstein Dice loss (Fidon et al. 2017), a drop-in for
+    ``monai.losses.GeneralizedWassersteinDiceLoss``: the class-aware Dice of a softmax against a label map, where a
+    wrong class costs its distance to the true class.
+
+    Per voxel the Wasserstein distance ``w_n = sum_c M[y_n, c] p_{c,n}`` between the softmax ``p`` and the true
+    class ``y_n`` under the class distances ``M`` (divided by their maximum); with class weights ``a_k``,
+    ``TP = sum_n a_{y_n} (1 - w_n)`` and the loss ``1 - (2 TP + smooth_nr) / (D + smooth_dr)`` per sample, where
+    ``"default"``: ``a_0 = 0``, ``a_k = 1`` otherwise, ``D = 2 TP + sum_n w_n``; ``"GDL"`` (Tilborghs et al. 2020):
+    ``a_k = 1 / (V_k + 1)`` from the class volumes ``V_k``, ``D = sum_n a_{y_n} (2 - w_n)``. Computed from per-class
+    sums (``functional.wasserstein_terms``), without a one-hot or MONAI's (B, C, N) map of gathered distances.
+
+    With MONAI's arguments the value and gradient equal MONAI's (1.6 on; before 1.6 MONAI's loss mixes the samples
+    of a batch, its class weights broadcasting against every sample's distances, and cannot shape
+    ``reduction="none"``: one sample at a time the values agree). Positional arguments in MONAI's order; the
+    extensions are keyword-only; every option is also an attribute (``loss.weighting_mode``).
+
+    Args:
+        dist_matrix: C x C distances between the classes (tensor, numpy array or nested sequence), divided by its
+            maximum as MONAI does; stored as the buffer ``dist_matrix``, so ``.to(device)`` moves it. Non-negative,
+            finite, with a positive maximum.
+        weighting_mode: ``"default"`` (Fidon et al.) or ``"GDL"`` (inverse-volume weights, Tilborghs et al.).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        smooth_nr: added to the numerator.
+        smooth_dr: added to the denominator.
+        batch: sum the per-class terms over the batch before the ratio (``"GDL"`` weights from the batch volumes).
+        ignore_index: label value whose voxels are left out of every sum (255, -1, or a class index: its voxels are
+            left out, its channel stays in the softmax and in the other voxels' distances).
+        sync_batch: with ``batch=True``, add up the batch terms of every process of the default
+            ``torch.distributed`` group, with gradient, as :class:`DicePlusLoss` does.
+        validate: run every value check even on an accelerator (synchronising), and scan ``input`` for NaN/Inf.
+
+    Shapes:
+        input ``(B, C, *S)`` logits (the softmax is applied inside, as MONAI does); target ``(B, *S)`` or
+        ``(B, 1, *S)`` labels in [0, C) (or ``ignore_index``). Output: scalar; with ``reduction="none"`` (B,), or
+        0-d with ``batch=True``.
+
+    Raises:
+        ValueError: at construction for a non-square ``dist_matrix`` or a bad option (naming the argument, with "did
+            you mean" for ``weighting_mode``); in ``forward`` for a ``dist_matrix`` that is not C x C, bad shapes and
+            labels outside [0, C).
+        TypeError: at construction for an argument of the wrong type or an unknown argument.
+
+    Examples:
+        >>> import numpy as np
+        >>> import torch
+        >>> from monai.losses import GeneralizedWassersteinDiceLoss
+        >>> from monai_gdl_plus import GeneralizedWassersteinDicePlusLoss
+        >>> m = np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 0.5], [1.0, 0.5, 0.0]], dtype=np.float32)
+        >>> GeneralizedWassersteinDicePlusLoss(m)(torch.eye(3) * 1000, torch.tensor([0, 1, 2]))  # MONAI's example
+        tensor(0.)
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(2, 3, 8, 8, 8, generator=gen)  # logits (B, C, D, H, W)
+        >>> y = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=gen)  # labels (B, 1, D, H, W)
+        >>> for mode in ("default", "GDL"):
+        ...     ours = GeneralizedWassersteinDicePlusLoss(m, weighting_mode=mode, reduction="none")(x, y)
+        ...     print(mode, ours.shape, torch.allclose(ours, GeneralizedWassersteinDiceLoss(m, mode, "none")(x, y)))
+        default torch.Size([2]) True
+        GDL torch.Size([2]) True
+    """
+
+    __signature__: ClassVar[inspect.Signature] = inspect.Signature(
+        [_P("dist_matrix", _P.POSITIONAL_OR_KEYWORD)]
+        + [p.replace(annotation=_P.empty) for p in inspect.signature(WassersteinDiceOptions).parameters.values()]
+    )
+    options: WassersteinDiceOptions
+    dist_matrix: torch.Tensor
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            bound = self.__signature__.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{type(self).__name__}: {e} (arguments: {self.__signature__}).") from None
+        values = dict(bound.arguments)
+        m = GF.check_dist_matrix(values.pop("dist_matrix")).detach().clone()
+        options = WassersteinDiceOptions(**values)
+        super().__init__(reduction=options.reduction)
+        self.options = options
+        self.register_buffer("dist_matrix", m)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of ``input`` (logits) against the label map ``target``; see the class docstring for shapes."""
+        return GF.generalized_wasserstein_dice_plus_loss(input, target, self.dist_matrix, self.options)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            options = self.__dict__.get("options")
+            if options is not None and name in {f.name for f in dataclasses.fields(options)}:
+                return getattr(options, name)
+            raise
+
+    def extra_repr(self) -> str:
+        shown = self.options.shown()
+        size = "x".join(str(s) for s in self.dist_matrix.shape)
+        return f"dist_matrix=<{size}>" + (f", {shown}" if shown else "")

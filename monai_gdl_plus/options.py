@@ -1,9 +1,11 @@
 """The options of the Dice-family losses: one frozen, typed, validated object per base loss.
 
 :class:`DiceOptions` holds every argument of :class:`~monai_gdl_plus.DicePlusLoss` but the static class ``weight``
-(a tensor: a buffer of the module); :class:`GeneralizedDiceOptions` adds the Generalised Dice ones. Both are checked
-once, at construction, and shared by the modules (:mod:`monai_gdl_plus.losses`) and the functions
-(:mod:`monai_gdl_plus.functional`), so an argument is declared, defaulted and validated in one place.
+(a tensor: a buffer of the module); :class:`GeneralizedDiceOptions` adds the Generalised Dice ones;
+:class:`WassersteinDiceOptions` holds those of :class:`~monai_gdl_plus.GeneralizedWassersteinDicePlusLoss` but its
+``dist_matrix`` (a buffer too). Each is checked once, at construction, and shared by the modules
+(:mod:`monai_gdl_plus.losses`) and the functions (:mod:`monai_gdl_plus.functional`), so an argument is declared,
+defaulted and validated in one place.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from typing import Literal
 __all__ = [
     "ABSENT_WEIGHTS",
     "REDUCTIONS",
+    "WEIGHTING_MODES",
     "W_TYPES",
     "AbsentWeight",
     "DiceOptions",
     "GeneralizedDiceOptions",
     "Reduction",
     "WType",
+    "WassersteinDiceOptions",
+    "WeightingMode",
     "check_option",
 ]
 
@@ -205,3 +210,60 @@ class GeneralizedDiceOptions(DiceOptions):
             self._put("absent_weight", float(aw))
         else:
             self._put("absent_weight", check_option("absent_weight", aw, ABSENT_WEIGHTS))
+
+
+WEIGHTING_MODES = ("default", "GDL")
+WeightingMode = Literal["default", "GDL"]
+
+
+@dataclass(frozen=True)
+class WassersteinDiceOptions:
+    """Every option of :class:`~monai_gdl_plus.GeneralizedWassersteinDicePlusLoss` except ``dist_matrix`` (a tensor:
+    a buffer of the module); see there for their meaning.
+
+    Raises:
+        ValueError: at construction for a bad value, naming the argument, the expectation and the value received.
+        TypeError: at construction for a value of the wrong type, likewise.
+
+    Examples:
+        >>> from monai_gdl_plus.options import WassersteinDiceOptions
+        >>> WassersteinDiceOptions(weighting_mode="GDL", batch=True).shown()
+        "weighting_mode='GDL', batch=True"
+        >>> WassersteinDiceOptions(weighting_mode="gdl")
+        Traceback (most recent call last):
+        ...
+        ValueError: `weighting_mode` must be one of ('default', 'GDL'), got 'gdl'. By 'gdl', did you mean 'GDL'?...
+    """
+
+    weighting_mode: WeightingMode = "default"
+    reduction: Reduction = "mean"
+    smooth_nr: float = 1e-5
+    smooth_dr: float = 1e-5
+    _: dataclasses.KW_ONLY  # MONAI's arguments above, in its order; the extensions below are keyword-only
+    batch: bool = False
+    ignore_index: int | None = None
+    sync_batch: bool = False
+    validate: bool = False
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        for name in ("batch", "sync_batch", "validate"):
+            put(name, bool(getattr(self, name)))
+        put("weighting_mode", check_option("weighting_mode", self.weighting_mode, WEIGHTING_MODES))
+        put("reduction", check_option("reduction", self.reduction, REDUCTIONS))
+        for name in ("smooth_nr", "smooth_dr"):
+            put(name, _number(name, getattr(self, name)))
+        ii = self.ignore_index
+        if ii is not None and (isinstance(ii, bool) or not isinstance(ii, int)):
+            raise TypeError(f"`ignore_index` must be an int or None, got {ii!r}.")
+        if self.sync_batch and not self.batch:
+            raise ValueError(
+                "`sync_batch=True` sums the batch terms over every process and needs `batch=True`, got batch=False."
+            )
+
+    def shown(self) -> str:
+        """``name=value`` for every option that differs from its default (for ``repr``)."""
+        changed = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in changed)

@@ -115,6 +115,9 @@ SYNC_CASES = {
     "dice focal ignore 255": ("DiceFocalPlusLoss", dict(to_onehot_y=True, softmax=True, ignore_index=255)),
     "gdl focal sum": ("GeneralizedDiceFocalPlusLoss", dict(to_onehot_y=True, softmax=True, reduction="sum")),
     "tversky onehot": ("TverskyPlusLoss", dict(softmax=True, alpha=0.3, beta=0.7)),
+    "wasserstein GDL ignore 255": ("GeneralizedWassersteinDicePlusLoss", dict(
+        dist_matrix=[[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.6, 0.5], [1.0, 0.6, 0.0, 0.7], [1.0, 0.5, 0.7, 0.0]],
+        weighting_mode="GDL", ignore_index=255)),
 }  # fmt: skip
 SYNC_BATCH = 4  # global batch; each of the two processes holds half
 # also run compiled (inductor, CPU): the one-hot-free custom ops and the collective in one graph
@@ -133,7 +136,7 @@ def sync_inputs():
 
 def _sync_target(labels, kwargs):
     labels = labels if kwargs.get("ignore_index") == 255 else labels.masked_fill(labels == 255, 1)
-    if kwargs.get("to_onehot_y"):
+    if kwargs.get("to_onehot_y") or "dist_matrix" in kwargs:  # the Wasserstein loss takes label maps only
         return labels
     return torch.nn.functional.one_hot(labels[:, 0].clamp_max(NUM_CLASSES - 1), NUM_CLASSES).movedim(-1, 1).double()
 

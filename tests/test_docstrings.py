@@ -37,16 +37,20 @@ MUST_HAVE_EXAMPLES = [
     "monai_gdl_plus.MaskedDicePlusLoss",
     "monai_gdl_plus.GeneralizedDicePlusLoss",
     "monai_gdl_plus.GeneralizedDiceFocalPlusLoss",
+    "monai_gdl_plus.GeneralizedWassersteinDicePlusLoss",
     "monai_gdl_plus.PerClassDice",
     "monai_gdl_plus.PerClassDiceLogger",
     "monai_gdl_plus.functional.dice_plus_loss",
     "monai_gdl_plus.functional.generalized_dice_plus_loss",
+    "monai_gdl_plus.functional.generalized_wasserstein_dice_plus_loss",
+    "monai_gdl_plus.functional.wasserstein_terms",
     "monai_gdl_plus.functional.per_class_terms",
     "monai_gdl_plus.functional.soft_terms",
     "monai_gdl_plus.functional.prepare",
     "monai_gdl_plus.functional.label_terms",
     "monai_gdl_plus.options.DiceOptions",
     "monai_gdl_plus.options.GeneralizedDiceOptions",
+    "monai_gdl_plus.options.WassersteinDiceOptions",
 ]
 
 

@@ -23,10 +23,10 @@ from cases import (
     _with_ignored,
 )
 
-from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss
+from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss, GeneralizedWassersteinDicePlusLoss, _ops
 from monai_gdl_plus import functional as GF
 from monai_gdl_plus.functional import soft_terms
-from monai_gdl_plus.options import DiceOptions
+from monai_gdl_plus.options import DiceOptions, WassersteinDiceOptions
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -598,6 +598,9 @@ OVERFLOW_CASES = {
                                                                  ignore_index=255), "label"),  # fmt: skip
     "gdl probabilities ignore 255 (plain path)": (GeneralizedDicePlusLoss, dict(
         to_onehot_y=True, other_act=_probabilities, ignore_index=255, w_type="simple"), "label"),  # fmt: skip
+    "gwdl": (GeneralizedWassersteinDicePlusLoss, dict(dist_matrix=[[0.0, 1.0], [1.0, 0.0]]), "label"),
+    "gwdl GDL ignore 255": (GeneralizedWassersteinDicePlusLoss, dict(dist_matrix=[[0.0, 1.0], [1.0, 0.0]],
+                                                                     weighting_mode="GDL", ignore_index=255), "label"),
 }
 
 
@@ -654,3 +657,125 @@ def test_class_volume_counts_exactly_past_2_pow_24_voxels():
     assert float(terms.target_sum[0, 0]) == n - 1000
     value = DicePlusLoss(to_onehot_y=True, softmax=True, reduction="none")(x, labels)
     assert float(value.min()) >= 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the generalised Wasserstein Dice loss: wasserstein_terms, wasserstein_dice_from_terms, check_dist_matrix
+# --------------------------------------------------------------------------------------------------------------------
+
+_M3 = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.0, 0.8], [0.5, 0.8, 0.0]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("blocked", [False, True], ids=["host", "blocked"])
+def test_wasserstein_terms_match_the_one_hot_reference(monkeypatch, masked, blocked):
+    """``W_k`` and ``V_k`` equal the dense reference: the (B, C, N) map of ``M[y_n, c]`` times ``p``, summed per true
+    class with a one-hot (what the function avoids), on the host and through the accelerators' blocked class sums."""
+    if blocked:
+        monkeypatch.setattr(_ops, "HOST_DEVICES", set())
+    x, labels = _make_case((2, 3, 5, 4, 3), seed=7)
+    p = torch.softmax(x.detach(), 1).reshape(2, 3, -1)
+    y = labels.reshape(2, -1)
+    mask = (torch.rand(y.shape, generator=torch.Generator().manual_seed(1)) > 0.3).double() if masked else None
+    onehot = F.one_hot(y, 3).movedim(-1, 1).double() * (1.0 if mask is None else mask[:, None])  # (B, K, N)
+    w = (_M3[y].movedim(-1, 1) * p).sum(1)  # (B, N): sum_c M[y_n, c] p_{c,n}
+    terms = GF.wasserstein_terms(p, y, _M3, mask)
+    torch.testing.assert_close(terms.distance, (onehot * w[:, None]).sum(-1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(terms.volume, onehot.sum(-1), rtol=0, atol=0)
+
+
+def test_wasserstein_dice_from_terms_closed_forms():
+    """A perfect prediction (``W = 0``) scores 0 in both modes; a fully wrong one (``w_n = 1``) scores 1 in
+    ``"default"``; GDL weights ``1 / (V + 1)`` by hand."""
+    v = torch.tensor([[3.0, 2.0, 1.0]], dtype=torch.float64)
+    for mode in ("default", "GDL"):
+        assert float(GF.wasserstein_dice_from_terms(GF.WassersteinTerms(torch.zeros_like(v), v), mode, 0.0, 0.0)) == 0
+    assert float(GF.wasserstein_dice_from_terms(GF.WassersteinTerms(v, v), "default", 0.0, 0.0)) == 1.0
+    w = torch.tensor([[1.0, 0.5, 0.25]], dtype=torch.float64)
+    a = 1.0 / (v + 1.0)
+    expected = 1.0 - 2.0 * (a * (v - w)).sum() / (a * (2.0 * v - w)).sum()
+    torch.testing.assert_close(GF.wasserstein_dice_from_terms(GF.WassersteinTerms(w, v), "GDL", 0.0, 0.0)[0],
+                               expected)  # fmt: skip
+    tp = (v - w)[0, 1:].sum()
+    torch.testing.assert_close(GF.wasserstein_dice_from_terms(GF.WassersteinTerms(w, v), "default", 0.0, 0.0)[0],
+                               1.0 - 2.0 * tp / (2.0 * tp + w.sum()))  # fmt: skip
+
+
+def test_check_dist_matrix_normalises_and_keeps_float_dtypes():
+    import numpy as np
+
+    torch.testing.assert_close(GF.check_dist_matrix(torch.tensor([[0, 4], [2, 0]])),
+                               torch.tensor([[0.0, 1.0], [0.5, 0.0]]))  # fmt: skip
+    assert GF.check_dist_matrix(np.eye(2)).dtype == torch.float64
+    assert GF.check_dist_matrix(torch.eye(2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    unit = 1.0 - torch.eye(3)
+    assert torch.equal(GF.check_dist_matrix(unit), unit)
+    with pytest.raises(ValueError, match=r"`dist_matrix` must be C x C for the C = 2 channels of `input`"):
+        GF.check_dist_matrix(unit, 2)
+
+
+@pytest.mark.parametrize("kw", [dict(weighting_mode="GDL"), dict(ignore_index=255, batch=True, reduction="none")])
+def test_wasserstein_function_equals_the_module(make_case, kw):
+    x, labels = make_case(SHAPES["3d"])
+    labels = _with_ignored(labels, 255) if "ignore_index" in kw else labels
+    m = 2.0 * torch.rand(4, 4, generator=torch.Generator().manual_seed(0))
+    module = GeneralizedWassersteinDicePlusLoss(m, **kw)
+    by_keywords = GF.generalized_wasserstein_dice_plus_loss(x, labels, m, **kw)
+    by_options = GF.generalized_wasserstein_dice_plus_loss(x, labels, m, WassersteinDiceOptions(**kw))
+    assert torch.equal(module(x, labels), by_keywords) and torch.equal(by_options, by_keywords)
+
+
+def test_wasserstein_function_validates_arguments():
+    x, labels = torch.randn(1, 2, 3), torch.zeros(1, 3, dtype=torch.long)
+    m = [[0.0, 1.0], [1.0, 0.0]]
+    with pytest.raises(TypeError, match="give either `options` or option keywords"):
+        GF.generalized_wasserstein_dice_plus_loss(x, labels, m, WassersteinDiceOptions(), batch=True)
+    with pytest.raises(TypeError, match="`options` must be a WassersteinDiceOptions, got DiceOptions"):
+        GF.generalized_wasserstein_dice_plus_loss(x, labels, m, DiceOptions())
+    with pytest.raises(ValueError, match=r"`weighting_mode`.*did you mean 'GDL'"):
+        GF.generalized_wasserstein_dice_plus_loss(x, labels, m, weighting_mode="GLD")
+    with pytest.raises(ValueError, match=r"`input` must have shape \(B, C, \*spatial\), got \(2,\)"):
+        GF.generalized_wasserstein_dice_plus_loss(torch.randn(2), labels, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weighting_mode", ["default", "GDL"])
+def test_wasserstein_half_logits_give_the_float32_value(make_case, dtype, weighting_mode):
+    x64, labels = make_case(SHAPES["3d"])
+    low = x64.detach().to(dtype).requires_grad_(True)
+    loss = GeneralizedWassersteinDicePlusLoss(1.0 - torch.eye(4), weighting_mode)
+    value = loss(low, labels)
+    value.backward()
+    assert value.dtype == torch.float32 and low.grad.dtype == dtype and torch.isfinite(low.grad).all()
+    torch.testing.assert_close(value, loss(low.detach().float(), labels), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("as_accelerator", [False, True], ids=["host", "as-accelerator"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("kw", [dict(), dict(weighting_mode="GDL", ignore_index=255, batch=True)],
+                         ids=["default", "GDL ignore batch"])  # fmt: skip
+def test_wasserstein_loss_in_chunks_equals_the_definition(monkeypatch, as_accelerator, dtype, kw):
+    """The loss's chunked sums from the logits with their analytic backward (several chunks here; blocked class sums
+    in accelerator mode) equal :func:`wasserstein_terms` of the softmax through autograd, value and gradient."""
+    monkeypatch.setitem(_ops.CHUNK_ELEMENTS, "cpu", 3 * 4 * 50)  # 50 voxels per chunk of (B=3, C=4)
+    if as_accelerator:
+        monkeypatch.setattr(_ops, "HOST_DEVICES", set())
+    x, labels = _make_case((3, 4, 7, 6, 5), seed=3)
+    x = x.detach().to(dtype)
+    labels = _with_ignored(labels, 255) if "ignore_index" in kw else labels
+    m = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.6, 0.5], [1.0, 0.6, 0.0, 0.7], [1.0, 0.5, 0.7, 0.0]])
+    o = WassersteinDiceOptions(**kw)
+
+    def definition(t, y):
+        lab, mask = GF.label_map(y, 4, o.ignore_index)
+        terms = GF.wasserstein_terms(torch.softmax(t.double(), 1).reshape(3, 4, -1), lab, m.double(), mask)
+        if o.batch:
+            terms = GF.WassersteinTerms(*(s.sum(0) for s in terms))
+        return GF.reduce_loss(GF.wasserstein_dice_from_terms(terms, o.weighting_mode), o.reduction)
+
+    value, grad = _value_and_grad(lambda t, y: GF.generalized_wasserstein_dice_plus_loss(t, y, m, o), x, labels)
+    ref_value, ref_grad = _value_and_grad(definition, x, labels)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-6}[dtype]
+    assert value.dtype == torch.promote_types(dtype, torch.float32) and grad.dtype == dtype
+    torch.testing.assert_close(value, ref_value.to(value.dtype), atol=tol, rtol=0)
+    torch.testing.assert_close(grad, ref_grad.to(dtype), atol=tol, rtol=1e-3 if dtype == torch.float16 else 1e-6)

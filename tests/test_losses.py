@@ -42,6 +42,7 @@ from monai_gdl_plus import (
     DicePlusLoss,
     GeneralizedDiceFocalPlusLoss,
     GeneralizedDicePlusLoss,
+    GeneralizedWassersteinDicePlusLoss,
     MaskedDicePlusLoss,
     TverskyPlusLoss,
     _ops,
@@ -267,6 +268,56 @@ def test_gdl_matches_monai_generalized_dice_loss(parity_record, row):
     _assert_parity(parity_record, "GeneralizedDiceLoss", *_gdl_case(*row))
 
 
+# GeneralizedWassersteinDiceLoss: label maps only, the softmax inside; several class counts and two kinds of matrix
+GWDL_GRID = list(
+    itertools.product(SHAPES, (2, 3, 5), ("unit", "scaled"), ("B1S", "BS"), ("default", "GDL"), REDUCTIONS)
+)  # fmt: skip
+
+
+def _dist_matrix(c: int, kind: str, dtype=torch.float64) -> torch.Tensor:
+    """``"unit"``: 1 off the diagonal (plain soft Dice distances); ``"scaled"``: seeded symmetric distances in
+    [0, 3] with a zero diagonal (MONAI divides them by their maximum)."""
+    if kind == "unit":
+        return (1.0 - torch.eye(c, dtype=dtype))
+    g = torch.Generator().manual_seed(c)
+    m = 3.0 * torch.rand(c, c, generator=g, dtype=dtype)
+    return (m + m.T).fill_diagonal_(0.0) / 2.0
+
+
+# before MONAI 1.6, GeneralizedWassersteinDiceLoss mixed the samples of a batch (its (B, 1, N) class weights broadcast
+# against the (B, N) distances into (B, B, N)) and could not reshape reduction="none" into (B, C, 1, ...); one sample
+# at a time it is right. On those releases the reference runs it per sample and reduces as 1.6 does.
+_GWDL_PER_SAMPLE = tuple(int(v) for v in monai.__version__.split(".")[:2]) < (1, 6)
+
+
+def _monai_gwdl(dist_matrix, weighting_mode="default", reduction="mean", smooth_nr=1e-5, smooth_dr=1e-5):
+    """MONAI's GeneralizedWassersteinDiceLoss, on any supported MONAI (see ``_GWDL_PER_SAMPLE``)."""
+    if not _GWDL_PER_SAMPLE:
+        return ML.GeneralizedWassersteinDiceLoss(dist_matrix, weighting_mode, reduction, smooth_nr, smooth_dr)
+    one = ML.GeneralizedWassersteinDiceLoss(dist_matrix, weighting_mode, "sum", smooth_nr, smooth_dr)
+
+    def per_sample(x, y):
+        f = torch.stack([one(x[i: i + 1], y[i: i + 1]) for i in range(x.shape[0])])
+        return {"mean": f.mean(), "sum": f.sum()}.get(reduction, f)
+
+    return per_sample
+
+
+def _gwdl_case(dims, c, matrix, target_form, weighting_mode, reduction, dtype=torch.float64):
+    """(ours, MONAI's, logits, labels) of one GWDL_GRID row: labels (B, 1, *S) or (B, *S); the last sample lacks the
+    last class."""
+    x, labels = _make_case((SHAPES[dims][0], c, *SHAPES[dims][2:]), dtype=dtype)
+    m = _dist_matrix(c, matrix, torch.float32)
+    ours = GeneralizedWassersteinDicePlusLoss(m, weighting_mode, reduction)
+    theirs = _monai_gwdl(m, weighting_mode, reduction)
+    return ours, theirs, x, labels if target_form == "B1S" else labels[:, 0]
+
+
+@pytest.mark.parametrize("row", GWDL_GRID, ids=_row_id)
+def test_gwdl_matches_monai_generalized_wasserstein_dice_loss(parity_record, row):
+    _assert_parity(parity_record, "GeneralizedWassersteinDiceLoss", *_gwdl_case(*row))
+
+
 @pytest.mark.parametrize(
     "name,ours,theirs",
     [
@@ -365,6 +416,7 @@ PARITY_GRIDS = {
     "TverskyLoss": (TVERSKY_GRID, _tversky_case),
     "DiceFocalLoss": (DICE_FOCAL_GRID, _dice_focal_case),
     "GeneralizedDiceFocalLoss": (GDL_FOCAL_GRID, _gdl_focal_case),
+    "GeneralizedWassersteinDiceLoss": (GWDL_GRID, _gwdl_case),
 }
 # MONAI arguments the grids leave at their defaults: each has a test of its own above or below (DiceCELoss's
 # sigmoid: test_dice_ce_one_channel_sigmoid_matches_monai; with C > 1 our BCE term is a documented departure)
@@ -1327,3 +1379,307 @@ def test_masked_dice_compiles_without_graph_breaks_and_keeps_the_custom_op():
     assert explained.graph_break_count == 0
     compiled = torch.compile(loss, fullgraph=True)
     torch.testing.assert_close(compiled(x, y, mask.float()), loss(x, y, mask.float()), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GeneralizedWassersteinDicePlusLoss (its MONAI parity grid is GWDL_GRID in section 1, its autocast rows in 1b)
+# --------------------------------------------------------------------------------------------------------------------
+
+_BRATS_M = [[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.6, 0.5], [1.0, 0.6, 0.0, 0.7], [1.0, 0.5, 0.7, 0.0]]
+
+
+def test_gwdl_signature_is_monai_s():
+    """MONAI's positional arguments, in order, with the same names and defaults; our extensions keyword-only."""
+    theirs = [p for n, p in inspect.signature(ML.GeneralizedWassersteinDiceLoss.__init__).parameters.items()
+              if n != "self"]  # fmt: skip
+    ours = list(inspect.signature(GeneralizedWassersteinDicePlusLoss).parameters.values())
+    assert [p.name for p in ours[: len(theirs)]] == [p.name for p in theirs]
+    for mine, its in zip(ours, theirs, strict=False):
+        default = its.default.value if hasattr(its.default, "value") else its.default
+        assert (mine.default, mine.kind) == (default, inspect.Parameter.POSITIONAL_OR_KEYWORD), mine.name
+    assert [p.name for p in ours[len(theirs):] if p.kind != inspect.Parameter.KEYWORD_ONLY] == []
+    assert {p.name for p in ours[len(theirs):]} == {"batch", "ignore_index", "sync_batch", "validate"}
+
+
+def test_gwdl_grid_varies_every_monai_argument():
+    """Each MONAI argument takes at least two values across GWDL_GRID (smooth_nr/smooth_dr: the test below)."""
+    seen: dict[str, set] = {}
+    for row in GWDL_GRID:
+        ours = _gwdl_case(*row)[0]
+        values = {**dataclasses.asdict(ours.options), "dist_matrix": tuple(ours.dist_matrix.reshape(-1).tolist())}
+        for name, value in values.items():
+            seen.setdefault(name, set()).add(value)
+    args = set(inspect.signature(ML.GeneralizedWassersteinDiceLoss.__init__).parameters) - {"self"}
+    assert not {a for a in args - {"smooth_nr", "smooth_dr"} if len(seen.get(a, ())) < 2}
+
+
+@pytest.mark.parametrize("smooth_nr,smooth_dr", [(0.0, 1e-3), (1e-2, 1e-2)])
+@pytest.mark.parametrize("weighting_mode", ["default", "GDL"])
+def test_gwdl_smoothing_and_matrix_forms_match_monai(make_case, parity_record, smooth_nr, smooth_dr, weighting_mode):
+    """The smoothing constants, and the matrix as a float64 tensor, a numpy array and a max-1 matrix (kept as is)."""
+    x, labels = make_case((2, 4, 3, 4, 5))
+    for m in (torch.tensor(_BRATS_M, dtype=torch.float64) * 7, torch.tensor(_BRATS_M).numpy(), _BRATS_M):
+        mm = torch.as_tensor(m)
+        ours = GeneralizedWassersteinDicePlusLoss(m, weighting_mode, "none", smooth_nr, smooth_dr)
+        theirs = _monai_gwdl(mm.numpy(), weighting_mode, "none", smooth_nr, smooth_dr)
+        _assert_parity(parity_record, "GeneralizedWassersteinDiceLoss", ours, theirs, x, labels)
+
+
+def test_gwdl_float32_parity_spot_check(make_case, parity_record):
+    x, labels = make_case(SHAPES["3d"], dtype=torch.float32)
+    for mode in ("default", "GDL"):
+        ours = GeneralizedWassersteinDicePlusLoss(_BRATS_M, mode)
+        theirs = _monai_gwdl(torch.tensor(_BRATS_M), mode)
+        _assert_parity(parity_record, "float32 spot checks", ours, theirs, x, labels)
+
+
+def test_gwdl_matches_the_per_voxel_formula(make_case):
+    """Against the definition written voxel by voxel (Fidon et al. 2017, eq. 6 and the GWDS), not against MONAI."""
+    x, labels = make_case((2, 3, 2, 3, 2), seed=2)
+    m = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.0, 0.8], [0.5, 0.8, 0.0]], dtype=torch.float64)
+    p = torch.softmax(x.detach(), 1).reshape(2, 3, -1)
+    y = labels.reshape(2, -1)
+    for mode in ("default", "GDL"):
+        expected = []
+        for b in range(2):
+            vol = [float((y[b] == k).sum()) for k in range(3)]
+            alpha = [1.0 / (v + 1.0) for v in vol] if mode == "GDL" else [0.0, 1.0, 1.0]
+            tp = den = err = 0.0
+            for n in range(y.shape[1]):
+                k = int(y[b, n])
+                w = sum(float(m[k, c] * p[b, c, n]) for c in range(3))
+                tp += alpha[k] * (1.0 - w)
+                den += alpha[k] * (2.0 - w)
+                err += w
+            den = den if mode == "GDL" else 2.0 * tp + err
+            expected.append(1.0 - (2.0 * tp + 1e-5) / (den + 1e-5))
+        got = GeneralizedWassersteinDicePlusLoss(m, mode, "none")(x, labels)
+        torch.testing.assert_close(got, torch.tensor(expected, dtype=got.dtype), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ignore_index", [255, -1, 0, 2])
+@pytest.mark.parametrize("weighting_mode", ["default", "GDL"])
+def test_gwdl_ignore_index_equals_monai_on_the_cropped_volume(parity_record, ignore_index, weighting_mode):
+    """Voxels labelled ``ignore_index`` leave every sum: the value and the other voxels' gradient are MONAI's on the
+    volume without them; the ignored voxels get no gradient, whatever their logits (an in-range value: its voxels
+    go, its channel stays in the softmax and the distances)."""
+    x, labels = _make_case((2, 3, 6, 5, 4), seed=5)
+    labels = labels.masked_fill(labels == ignore_index, 1) if 0 <= ignore_index < 3 else labels
+    labels[:, :, :2] = ignore_index
+    m = torch.tensor(_BRATS_M[:3]).T[:3].T.contiguous() * 2
+    ours = GeneralizedWassersteinDicePlusLoss(m, weighting_mode, "none", ignore_index=ignore_index)
+    theirs = _monai_gwdl(m, weighting_mode, "none")
+    value, grad = _value_and_grad(ours, x, labels)
+    crop_value, crop_grad = _value_and_grad(theirs, x[:, :, 2:], labels[:, :, 2:])
+    torch.testing.assert_close(value, crop_value, atol=TOL, rtol=0)
+    torch.testing.assert_close(grad[:, :, 2:], crop_grad, atol=TOL, rtol=0)
+    assert float(grad[:, :, :2].abs().max()) == 0.0
+    moved = x.detach().clone()
+    moved[:, :, :2] += 3.0
+    torch.testing.assert_close(ours(moved, labels), value)
+
+
+@pytest.mark.parametrize("weighting_mode", ["default", "GDL"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gwdl_batch_equals_monai_on_the_batch_as_one_sample(make_case, parity_record, weighting_mode, reduction):
+    """``batch=True`` sums over the batch before the ratio: MONAI's loss on the samples laid side by side as one
+    (the GDL weights then come from the batch volumes); ``"none"`` gives a 0-d value."""
+    x, labels = make_case(SHAPES["3d"])
+    ours = GeneralizedWassersteinDicePlusLoss(_BRATS_M, weighting_mode, reduction, batch=True)
+    theirs = _monai_gwdl(torch.tensor(_BRATS_M), weighting_mode, "none")
+
+    def side_by_side(a, y):
+        return theirs(torch.cat(a.unbind(0), -1)[None], torch.cat(y.unbind(0), -1)[None])[0]
+
+    _assert_parity(parity_record, "GeneralizedWassersteinDiceLoss batch", ours, side_by_side, x, labels)
+    assert ours(x, labels).ndim == 0
+    per_sample = GeneralizedWassersteinDicePlusLoss(_BRATS_M, weighting_mode, "mean")(x, labels)
+    batched = GeneralizedWassersteinDicePlusLoss(_BRATS_M, weighting_mode, "mean", batch=True)(x, labels)
+    assert abs(float(per_sample.detach()) - float(batched.detach())) > 1e-4
+
+
+def test_gwdl_dist_matrix_is_a_normalised_buffer_and_options_are_attributes():
+    m = torch.tensor(_BRATS_M) * 4.0
+    loss = GeneralizedWassersteinDicePlusLoss(m, "GDL", batch=True, ignore_index=255)
+    assert "dist_matrix" in dict(loss.named_buffers()) and "dist_matrix" in loss.state_dict()
+    torch.testing.assert_close(loss.dist_matrix, torch.tensor(_BRATS_M))
+    assert m.max() == 4.0  # the caller's matrix is not changed
+    assert loss.to(torch.float64).dist_matrix.dtype == torch.float64
+    assert (loss.weighting_mode, loss.batch, loss.ignore_index, loss.reduction) == ("GDL", True, 255, "mean")
+    assert repr(loss) == ("GeneralizedWassersteinDicePlusLoss(dist_matrix=<4x4>, weighting_mode='GDL', batch=True, "
+                          "ignore_index=255)")  # fmt: skip
+    x, labels = _make_case((2, 4, 3, 3, 3))
+    before = loss.dist_matrix.clone()
+    loss(x, labels)
+    assert torch.equal(loss.dist_matrix, before)
+    with pytest.raises(AttributeError, match="weighting_modee"):
+        loss.weighting_modee  # noqa: B018
+
+
+def test_gwdl_keeps_no_gathered_distance_map():
+    """The autograd graph keeps no logits-sized tensor but the logits themselves (MONAI's keeps the gathered
+    distances and the probabilities): saved tensors counted by size through ``saved_tensors_hooks``."""
+    x, labels = _make_case((2, 5, 6, 6, 6), dtype=torch.float32)
+
+    def logits_sized_saves(loss):
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss(x, labels)
+        big = [t for t in saved if t.numel() * t.element_size() >= x.numel() * x.element_size()]
+        return sum(1 for t in big if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+
+    assert logits_sized_saves(GeneralizedWassersteinDicePlusLoss(torch.rand(5, 5), "GDL", ignore_index=4)) == 0
+    assert logits_sized_saves(ML.GeneralizedWassersteinDiceLoss(torch.rand(5, 5), "GDL")) >= 2
+
+
+def test_gwdl_finite_and_in_unit_interval_on_extreme_inputs():
+    for scale in (0.0, 1e-3, 50.0, 1e4):
+        x, labels = _make_case((2, 4, 4, 4, 4), seed=int(scale) % 7)
+        for mode in ("default", "GDL"):
+            value, grad = _value_and_grad(GeneralizedWassersteinDicePlusLoss(_BRATS_M, mode, "none"), x * scale, labels)
+            assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+            assert float(value.min()) >= 0.0 and float(value.max()) <= 1.0
+    empty = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)  # background only: "default" has no true positive to find
+    assert torch.isfinite(GeneralizedWassersteinDicePlusLoss(_BRATS_M)(torch.randn(1, 4, 4, 4, 4), empty))
+
+
+def test_gwdl_metatensor_inputs():
+    x, labels = _make_case((2, 4, 3, 3, 3))
+    loss = GeneralizedWassersteinDicePlusLoss(_BRATS_M)
+    torch.testing.assert_close(loss(MetaTensor(x), MetaTensor(labels)), loss(x, labels))
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [(lambda: GeneralizedWassersteinDicePlusLoss(torch.ones(3, 4)),
+      r"`dist_matrix` must be a square C x C matrix, got shape \(3, 4\)"),
+     (lambda: GeneralizedWassersteinDicePlusLoss(torch.ones(3)), r"square C x C matrix, got shape \(3,\)"),
+     (lambda: GeneralizedWassersteinDicePlusLoss(-torch.ones(3, 3)), r"`dist_matrix` must hold finite distances"),
+     (lambda: GeneralizedWassersteinDicePlusLoss(torch.zeros(3, 3)), r"with a positive maximum"),
+     (lambda: GeneralizedWassersteinDicePlusLoss(torch.full((3, 3), float("nan"))), r"finite distances"),
+     (lambda: GeneralizedWassersteinDicePlusLoss(_BRATS_M, "gdl"),
+      r"`weighting_mode` must be one of \('default', 'GDL'\), got 'gdl'. By 'gdl', did you mean 'GDL'"),
+     (lambda: GeneralizedWassersteinDicePlusLoss(_BRATS_M, reduction="meen"), r"did you mean 'mean'"),
+     (lambda: GeneralizedWassersteinDicePlusLoss(_BRATS_M, sync_batch=True), r"needs `batch=True`")],
+)  # fmt: skip
+def test_gwdl_constructor_errors_name_the_argument(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_gwdl_constructor_type_errors():
+    with pytest.raises(TypeError, match=r"GeneralizedWassersteinDicePlusLoss: .*missing a required argument"):
+        GeneralizedWassersteinDicePlusLoss()
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'include_background'"):
+        GeneralizedWassersteinDicePlusLoss(_BRATS_M, include_background=False)
+    with pytest.raises(TypeError, match=r"`dist_matrix` must be a C x C tensor or array"):
+        GeneralizedWassersteinDicePlusLoss("far")
+    with pytest.raises(TypeError, match=r"`ignore_index` must be an int or None, got 2.5"):
+        GeneralizedWassersteinDicePlusLoss(_BRATS_M, ignore_index=2.5)
+
+
+@pytest.mark.parametrize(
+    "shape,target,match",
+    [((2, 3, 4, 4), torch.zeros(2, 1, 4, 4, dtype=torch.long),
+      r"`dist_matrix` must be C x C for the C = 3 channels of `input`, got shape \(4, 4\)"),
+     ((2, 4, 4, 4), torch.zeros(2, 4, 4, 4, dtype=torch.long),
+      r"`target` must be a label map of shape \(B, \*spatial\) or \(B, 1, \*spatial\) matching `input`: got target "
+      r"shape \(2, 4, 4, 4\) and input shape \(2, 4, 4, 4\)"),
+     ((2, 4, 4, 4), torch.zeros(2, 1, 4, 5, dtype=torch.long), r"got target shape \(2, 1, 4, 5\)"),
+     ((2, 4, 4, 4), torch.full((2, 4, 4), 4), r"`target` label values must lie in \[0, 4\), got \[4\]"),
+     ((2, 4, 4, 4), torch.full((2, 4, 4), -1), r"`target` label values must lie in \[0, 4\), got \[-1\]"),
+     ((2, 4, 4, 4), torch.full((2, 4, 4), 0.5), r"`target` label map must hold integer class indices")],
+)  # fmt: skip
+def test_gwdl_forward_errors_name_the_argument(shape, target, match):
+    with pytest.raises(ValueError, match=match):
+        GeneralizedWassersteinDicePlusLoss(_BRATS_M)(torch.randn(shape), target)
+
+
+def test_gwdl_validate_scans_for_nan():
+    x = torch.randn(1, 4, 3, 3)
+    x[0, 1, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"`input` contains NaN or Inf values"):
+        GeneralizedWassersteinDicePlusLoss(_BRATS_M, validate=True)(x, torch.zeros(1, 3, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("ignore_index", [None, 255])
+@pytest.mark.parametrize("weighting_mode,batch", [("default", False), ("GDL", True)])
+def test_gwdl_meta_device_forward_backward(ignore_index, weighting_mode, batch):
+    x = torch.empty(2, 4, 6, 6, 6, device="meta", requires_grad=True)
+    y = torch.empty(2, 1, 6, 6, 6, dtype=torch.long, device="meta")
+    loss = GeneralizedWassersteinDicePlusLoss(_BRATS_M, weighting_mode, batch=batch, ignore_index=ignore_index)
+    value = loss.to("meta")(x, y)
+    value.backward()
+    assert value.device.type == "meta" and value.ndim == 0
+    assert x.grad is not None and x.grad.shape == x.shape and x.grad.device.type == "meta"
+
+
+GWDL_COMPILE_CASES = {
+    "default": dict(weighting_mode="default"),
+    "GDL ignore 255 batch": dict(weighting_mode="GDL", ignore_index=255, batch=True),
+}
+
+
+@pytest.mark.parametrize("name", GWDL_COMPILE_CASES)
+def test_gwdl_dynamo_explain_no_graph_breaks(name):
+    torch._dynamo.reset()
+    x, labels = _make_case(SHAPES["3d"], dtype=torch.float32)
+    labels = _with_ignored(labels, 255)
+    loss = GeneralizedWassersteinDicePlusLoss(_BRATS_M, **GWDL_COMPILE_CASES[name])
+    labels = labels if loss.ignore_index == 255 else labels.masked_fill(labels == 255, 0)
+    explanation = torch._dynamo.explain(loss)(x.detach(), labels)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert not [t for t in targets if "one_hot" in t or "gather" in t], targets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", GWDL_COMPILE_CASES)
+def test_gwdl_torch_compile_inductor_fullgraph_matches_eager(name):
+    """Inductor, fullgraph: value and gradient equal eager, also under float16 autocast with float16 logits."""
+    torch._dynamo.reset()
+    x, labels = _make_case(SHAPES["3d"], dtype=torch.float32)
+    loss = GeneralizedWassersteinDicePlusLoss(_BRATS_M, **GWDL_COMPILE_CASES[name])
+    labels = _with_ignored(labels, 255) if loss.ignore_index == 255 else labels
+    compiled = torch.compile(loss, fullgraph=True)
+    eager_value, eager_grad = _value_and_grad(loss, x, labels)
+    value, grad = _value_and_grad(compiled, x, labels)
+    torch.testing.assert_close(value, eager_value, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, eager_grad, atol=1e-7, rtol=1e-5)
+    half = x.detach().half()
+    expected = _value_and_grad(loss, half.float(), labels)[0]
+    with torch.autocast("cpu", dtype=torch.float16):
+        value, grad = _value_and_grad(compiled, half, labels)
+    torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-6)
+    assert grad.dtype == torch.float16 and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("name", GWDL_COMPILE_CASES)
+def test_gwdl_accelerator_mode_has_no_host_sync_and_matches_host_mode(monkeypatch, name):
+    """What a GPU runs (blocked class sums, device assertions), on CPU: no host sync, the host path's values."""
+    x, labels = _make_case(SHAPES["3d"], dtype=torch.float32)
+    loss = GeneralizedWassersteinDicePlusLoss(_BRATS_M, **GWDL_COMPILE_CASES[name])
+    labels = _with_ignored(labels, 255) if loss.ignore_index == 255 else labels
+    expected = _value_and_grad(loss, x, labels)
+    with monkeypatch.context() as m:
+        m.setattr(_ops, "HOST_DEVICES", set())
+        forbid_host_syncs(m)
+        got = _value_and_grad(loss, x, labels)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("kw", [{}, {"weighting_mode": "GDL"}, {"ignore_index": 255, "batch": True},
+                                {"weighting_mode": "GDL", "ignore_index": 1, "reduction": "none"}])  # fmt: skip
+def test_gwdl_gradcheck(kw):
+    x, labels = _make_case((2, 4, 3, 3), seed=4)
+    labels = labels.clone()
+    labels[0, 0, 0, :2] = kw.get("ignore_index", labels[0, 0, 0, 0])
+    loss = GeneralizedWassersteinDicePlusLoss(torch.tensor(_BRATS_M, dtype=torch.float64), **kw)
+    assert torch.autograd.gradcheck(lambda t: loss(t, labels), (x.detach().requires_grad_(True),))

@@ -14,10 +14,11 @@ from monai_gdl_plus import (
     DicePlusLoss,
     GeneralizedDiceFocalPlusLoss,
     GeneralizedDicePlusLoss,
+    GeneralizedWassersteinDicePlusLoss,
     TverskyPlusLoss,
 )
 from monai_gdl_plus import functional as GF
-from monai_gdl_plus.options import DiceOptions, GeneralizedDiceOptions
+from monai_gdl_plus.options import DiceOptions, GeneralizedDiceOptions, WassersteinDiceOptions
 
 
 def test_defaults_are_monai_s_and_values_are_normalised():
@@ -163,3 +164,41 @@ def test_constructor_errors_are_raised_at_construction(loss_cls, kwargs, error, 
 def test_absent_weight_bad_values(value, error):
     with pytest.raises(error, match="`absent_weight`"):
         GeneralizedDicePlusLoss(absent_weight=value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# WassersteinDiceOptions (GeneralizedWassersteinDicePlusLoss)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_wasserstein_options_defaults_are_monai_s_and_extensions_keyword_only():
+    o = WassersteinDiceOptions("GDL", "sum", 0, 1e-3, batch=1)
+    assert (o.weighting_mode, o.reduction, o.smooth_nr, o.smooth_dr, o.batch) == ("GDL", "sum", 0.0, 1e-3, True)
+    assert isinstance(o.smooth_nr, float) and o.batch is True
+    d = WassersteinDiceOptions()
+    assert (d.weighting_mode, d.reduction, d.smooth_nr, d.smooth_dr, d.ignore_index) == ("default", "mean", 1e-5,
+                                                                                         1e-5, None)  # fmt: skip
+    with pytest.raises(TypeError):
+        WassersteinDiceOptions("GDL", "sum", 0, 1e-3, True)  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.batch = True  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"weighting_mode": "gdl"}, ValueError,
+         r"`weighting_mode` must be one of \('default', 'GDL'\), got 'gdl'. By 'gdl', did you mean 'GDL'"),
+        ({"weighting_mode": "defualt"}, ValueError, r"`weighting_mode`.*did you mean 'default'"),
+        ({"reduction": "meen"}, ValueError, r"`reduction` must be one of \('none', 'mean', 'sum'\), got 'meen'"),
+        ({"smooth_nr": -1.0}, ValueError, r"`smooth_nr` must be a finite number no less than 0.0, got -1.0"),
+        ({"smooth_dr": float("inf")}, ValueError, r"`smooth_dr` must be .*got inf"),
+        ({"ignore_index": True}, TypeError, r"`ignore_index` must be an int or None, got True"),
+        ({"sync_batch": True}, ValueError, r"`sync_batch=True` .* needs `batch=True`, got batch=False"),
+    ],
+)  # fmt: skip
+def test_invalid_wasserstein_options_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        WassersteinDiceOptions(**kwargs)
+    with pytest.raises(error, match=match):  # through the module, at construction
+        GeneralizedWassersteinDicePlusLoss([[0.0, 1.0], [1.0, 0.0]], **kwargs)

@@ -92,7 +92,8 @@ def test_parser_defaults_and_repeated_shapes():
     assert args.allocators == ["thp", "default,thp"]
     assert args.shapes == [(1, 3, 8, 8, 8), (2, 4, 6, 6, 6), (1, 2, 4, 4)]
     assert registry.resolve_losses(args.losses) == [
-        "ours-dice", "ours-gdl", "ours-dicece", "ours-dicefocal", "ours-tversky", "monai-gdl",
+        "ours-dice", "ours-gdl", "ours-dicece", "ours-dicefocal", "ours-tversky", "ours-masked-dice",
+        "ours-wasserstein", "monai-gdl",
     ]  # fmt: skip
 
 

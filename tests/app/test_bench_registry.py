@@ -17,7 +17,8 @@ def test_groups_resolve_in_a_fixed_order():
     assert registry.resolve_losses(None) == list(registry.LOSSES)
     assert registry.resolve_losses(["core"]) == [*PAIRS, "nnunet-memeff"]
     assert registry.resolve_losses("monai-gdl, ours-dice,ours") == [
-        "ours-dice", "ours-gdl", "ours-dicece", "ours-dicefocal", "ours-tversky", "monai-gdl",
+        "ours-dice", "ours-gdl", "ours-dicece", "ours-dicefocal", "ours-tversky", "ours-masked-dice",
+        "ours-wasserstein", "monai-gdl",
     ]  # fmt: skip
     with pytest.raises(ValueError, match=r"`losses` must be one of .*'monai-dice'"):
         registry.resolve_losses(["monai-dise"])
@@ -53,3 +54,27 @@ def test_availability_says_why(monkeypatch):
     assert registry.availability("ours-dice") == "ok"
     assert registry.error_text(RuntimeError("boom\nsecond line")) == "error: RuntimeError: boom"
 
+
+
+
+def test_masked_and_wasserstein_keys_build_their_counterparts_and_agree_with_monai():
+    """``ours-masked-dice`` / ``monai-masked-dice`` and ``ours-wasserstein`` / ``monai-wasserstein``: ours and MONAI's
+    class on the same region mask or distance matrix, so that their rows compare like with like (MONAI 1.6's values:
+    earlier MaskedDiceLoss releases mask the logits before the softmax, and GeneralizedWassersteinDiceLoss mixes the
+    samples of a batch)."""
+    import monai
+    import monai.losses as ml
+    import torch
+
+    from monai_gdl_plus import MaskedDicePlusLoss
+
+    assert type(registry.build_loss("ours-masked-dice").loss) is MaskedDicePlusLoss
+    assert type(registry.build_loss("monai-masked-dice").loss) is ml.MaskedDiceLoss
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 6, 6, 8, generator=g), torch.randint(0, 4, (2, 1, 6, 6, 8), generator=g)
+    for family in ("wasserstein", "masked-dice"):
+        assert registry.SPECS[f"ours-{family}"].family == registry.SPECS[f"monai-{family}"].family == family
+        ours, theirs = registry.build_loss(f"ours-{family}")(x, y), registry.build_loss(f"monai-{family}")(x, y)
+        assert 0.0 < float(ours) < 1.0
+        if tuple(int(v) for v in monai.__version__.split(".")[:2]) >= (1, 6):
+            torch.testing.assert_close(ours, theirs)

@@ -23,8 +23,9 @@ __all__ = [
 ]  # fmt: skip
 
 LOSSES = (
-    "ours-dice", "ours-gdl", "ours-dicece", "ours-dicefocal", "ours-tversky",
-    "monai-dice", "monai-gdl", "monai-dicece", "monai-dicefocal", "monai-tversky",
+    "ours-dice", "ours-gdl", "ours-dicece", "ours-dicefocal", "ours-tversky", "ours-masked-dice", "ours-wasserstein",
+    "monai-dice", "monai-gdl", "monai-dicece", "monai-dicefocal", "monai-tversky", "monai-masked-dice",
+    "monai-wasserstein",
     "nnunet-memeff",
 )  # fmt: skip
 LOSS_GROUPS = {
@@ -42,7 +43,7 @@ class LossSpec:
 
     key: str
     label: str
-    family: str  # "dice" | "gdl" | "dicece" | "dicefocal" | "tversky"
+    family: str  # "dice" | "gdl" | "dicece" | "dicefocal" | "tversky" | "masked-dice" | "wasserstein"
     owner: str  # "ours" | "monai" | "nnunet"
 
 
@@ -54,11 +55,15 @@ SPECS = {
         LossSpec("ours-dicece", "DicePlusLoss(lambda_ce=1)", "dicece", "ours"),
         LossSpec("ours-dicefocal", "DiceFocalPlusLoss", "dicefocal", "ours"),
         LossSpec("ours-tversky", "TverskyPlusLoss(0.3, 0.7)", "tversky", "ours"),
+        LossSpec("ours-masked-dice", "MaskedDicePlusLoss (no bg, 3/4 masked in)", "masked-dice", "ours"),
+        LossSpec("ours-wasserstein", "GeneralizedWassersteinDicePlusLoss", "wasserstein", "ours"),
         LossSpec("monai-dice", "MONAI DiceLoss", "dice", "monai"),
         LossSpec("monai-gdl", "MONAI GeneralizedDiceLoss", "gdl", "monai"),
         LossSpec("monai-dicece", "MONAI DiceCELoss", "dicece", "monai"),
         LossSpec("monai-dicefocal", "MONAI DiceFocalLoss", "dicefocal", "monai"),
         LossSpec("monai-tversky", "MONAI TverskyLoss(0.3, 0.7)", "tversky", "monai"),
+        LossSpec("monai-masked-dice", "MONAI MaskedDiceLoss (no bg, 3/4 masked in)", "masked-dice", "monai"),
+        LossSpec("monai-wasserstein", "MONAI GeneralizedWassersteinDiceLoss", "wasserstein", "monai"),
         LossSpec("nnunet-memeff", "nnU-Net MemoryEfficientSoftDiceLoss", "dice", "nnunet"),
     )
 }
@@ -71,6 +76,49 @@ class Unavailable(Exception):
 def _softmax_dim1(x: torch.Tensor) -> torch.Tensor:
     # nnU-Net's softmax_helper_dim1, written here so its import (and its dependencies) are not needed.
     return torch.softmax(x, 1)
+
+
+class _RegionMasked(torch.nn.Module):
+    """A masked Dice loss (background left out: ours and MONAI's then agree on a label map) called with a region
+    mask (B, 1, *S) of float 0/1 that leaves out the first quarter of the last axis, built per call (the same 1/C of
+    the logits' bytes for ours and MONAI's)."""
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(y.shape, dtype=x.dtype, device=x.device)
+        mask[..., : y.shape[-1] // 4] = 0.0
+        return self.loss(x, y, mask)
+
+
+def _tree_distances(c: int, device: torch.device) -> torch.Tensor:
+    """A hierarchical C x C class distance (BraTS-style): 0 on the diagonal, 1 to and from the background (class 0),
+    0.5 between two foreground classes."""
+    m = torch.full((c, c), 0.5, device=device)
+    m[0, :] = 1.0
+    m[:, 0] = 1.0
+    return m.fill_diagonal_(0.0)
+
+
+class _Wasserstein(torch.nn.Module):
+    """A generalised Wasserstein Dice loss over :func:`_tree_distances` for the logits' channel count (the loss is
+    built per call: its matrix depends on C; a few hundred bytes)."""
+
+    def __init__(self, owner: str) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        m = _tree_distances(x.shape[1], x.device)
+        if self.owner == "ours":
+            from monai_gdl_plus import functional
+
+            return functional.generalized_wasserstein_dice_plus_loss(x, y, m)
+        from monai.losses import GeneralizedWassersteinDiceLoss
+
+        return GeneralizedWassersteinDiceLoss(m)(x, y)
 
 
 def make_loss(key: str, compiled: bool = False) -> torch.nn.Module:
@@ -106,6 +154,16 @@ def build_loss(key: str) -> torch.nn.Module:
         from monai_gdl_plus import TverskyPlusLoss
 
         return TverskyPlusLoss(to_onehot_y=True, softmax=True, alpha=0.3, beta=0.7)
+    if key == "ours-masked-dice":
+        from monai_gdl_plus import MaskedDicePlusLoss
+
+        return _RegionMasked(MaskedDicePlusLoss(to_onehot_y=True, softmax=True, include_background=False))
+    if key == "monai-masked-dice":
+        from monai.losses import MaskedDiceLoss
+
+        return _RegionMasked(MaskedDiceLoss(to_onehot_y=True, softmax=True, include_background=False))
+    if key in ("ours-wasserstein", "monai-wasserstein"):
+        return _Wasserstein(key.split("-")[0])
     if key == "monai-tversky":
         from monai.losses import TverskyLoss
 
