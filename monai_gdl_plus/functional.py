@@ -986,7 +986,7 @@ def generalized_dice_plus_loss(
         return _combine(reduce_loss(f, o.reduction), extras, o)
 
 
-_O = TypeVar("_O", bound=DiceOptions)
+_O = TypeVar("_O", DiceOptions, GeneralizedDiceOptions, WassersteinDiceOptions)
 
 
 def _options(cls: type[_O], options: _O | None, kwargs: dict) -> _O:
@@ -1168,7 +1168,7 @@ def generalized_wasserstein_dice_plus_loss(
         >>> torch.allclose(ours, GeneralizedWassersteinDiceLoss(m, weighting_mode="GDL")(x, y))
         True
     """
-    o = _wasserstein_options(options, kwargs)
+    o = _options(WassersteinDiceOptions, options, kwargs)
     x, t = plain_tensor(input), plain_tensor(target)
     if x.ndim < 2:
         raise ValueError(f"`input` must have shape (B, C, *spatial), got {tuple(x.shape)}.")
@@ -1192,16 +1192,6 @@ def generalized_wasserstein_dice_plus_loss(
             terms = _sync_wasserstein(terms)
         f = wasserstein_dice_from_terms(terms, o.weighting_mode, o.smooth_nr, o.smooth_dr)
         return reduce_loss(f, o.reduction)
-
-
-def _wasserstein_options(options: WassersteinDiceOptions | None, kwargs: dict) -> WassersteinDiceOptions:
-    if options is None:
-        return WassersteinDiceOptions(**kwargs)
-    if kwargs:
-        raise TypeError(f"give either `options` or option keywords, not both (got options and {sorted(kwargs)}).")
-    if not isinstance(options, WassersteinDiceOptions):
-        raise TypeError(f"`options` must be a WassersteinDiceOptions, got {type(options).__name__}.")
-    return options
 
 
 def _sync_wasserstein(terms: WassersteinTerms) -> WassersteinTerms:
