@@ -408,6 +408,57 @@ def test_in_range_ignore_index_drops_the_channel_monai_keeps(
     _assert_parity(parity_record, "DiceLoss in-range ignore", ours, theirs_kept, x, y)
 
 
+# before MONAI 1.6, MaskedDiceLoss masked the logits and activated after (masked voxels then count at p = 1/C for a
+# softmax): parity is with 1.6's form, which activates first
+_MASKED_MONAI = tuple(int(v) for v in monai.__version__.split(".")[:2]) >= (1, 6)
+_MASKED_PARITY = pytest.mark.skipif(not _MASKED_MONAI,
+                                    reason=f"MONAI {monai.__version__}'s MaskedDiceLoss activates after masking")
+
+# MaskedDiceLoss's grid: its DiceLoss arguments, one-hot targets with and without background and label maps without
+# it (with background a label map is a documented departure: test_masked_dice_departure_with_a_label_map_and_background)
+MASKED_DICE_GRID = list(
+    itertools.product(SHAPES, ((True, "onehot"), (False, "onehot"), (False, "label")), ACTS,
+                      ("linear", "squared", "jaccard"), (False, True), REDUCTIONS, (None, "per_kept_class"))
+)  # fmt: skip
+
+
+class _WithMask:
+    """A masked loss called as ``loss(x, y)`` (the grids' two-argument call), its region ``mask`` bound; attributes
+    are the loss's."""
+
+    def __init__(self, loss, mask: torch.Tensor) -> None:
+        self.loss, self.mask = loss, mask
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(x, y, self.mask.to(x.dtype))
+
+    def __getattr__(self, name: str):
+        return getattr(self.loss, name)
+
+
+def _masked_dice_case(dims, background_target, act, form, batch, reduction, weight, dtype=torch.float64):
+    """(ours, MONAI's, logits, target) of one MASKED_DICE_GRID row, each with the same region mask bound: about 70%
+    of the voxels, one mask per sample in 3-D, one for the whole batch (1, 1, *S) in 2-D."""
+    include_background, target_kind = background_target
+    x, labels = _make_case(SHAPES[dims], dtype=dtype)
+    b, c = x.shape[:2]
+    g = torch.Generator().manual_seed(11)
+    mask = (torch.rand((b if dims == "3d" else 1, 1, *x.shape[2:]), generator=g) > 0.3).to(torch.float64)
+    w = None if weight is None else _class_weight(c if include_background else c - 1)
+    kw = dict(include_background=include_background, to_onehot_y=target_kind == "label", batch=batch,
+              reduction=reduction, weight=w, squared_pred=form == "squared", jaccard=form == "jaccard",
+              **ACTS[act])  # fmt: skip
+    theirs = _monai(ML.MaskedDiceLoss, **kw) if _MASKED_MONAI else _NotInThisMonai("MaskedDiceLoss before 1.6")
+    return (_WithMask(MaskedDicePlusLoss(**kw), mask), _WithMask(theirs, mask), x,
+            _target(labels, c, target_kind))  # fmt: skip
+
+
+@_MASKED_PARITY
+@pytest.mark.parametrize("row", MASKED_DICE_GRID, ids=_row_id)
+def test_masked_dice_matches_monai_masked_dice_loss(parity_record, row):
+    _assert_parity(parity_record, "MaskedDiceLoss", *_masked_dice_case(*row))
+
+
 PARITY_GRIDS = {
     "DiceLoss": (DICE_CORE_GRID, _dice_core_case),
     "DiceLoss weight/ignore_index": (DICE_WEIGHT_IGNORE_GRID, _dice_weight_ignore_case),
@@ -417,6 +468,7 @@ PARITY_GRIDS = {
     "DiceFocalLoss": (DICE_FOCAL_GRID, _dice_focal_case),
     "GeneralizedDiceFocalLoss": (GDL_FOCAL_GRID, _gdl_focal_case),
     "GeneralizedWassersteinDiceLoss": (GWDL_GRID, _gwdl_case),
+    "MaskedDiceLoss": (MASKED_DICE_GRID, _masked_dice_case),
 }
 # MONAI arguments the grids leave at their defaults: each has a test of its own above or below (DiceCELoss's
 # sigmoid: test_dice_ce_one_channel_sigmoid_matches_monai; with C > 1 our BCE term is a documented departure)
@@ -431,8 +483,10 @@ _VARIED_ELSEWHERE_BY_CLASS = {"DiceCELoss": {"sigmoid", "softmax"}, "DiceFocalLo
     "monai_cls,families",
     [(ML.DiceLoss, ["DiceLoss", "DiceLoss weight/ignore_index"]), (ML.DiceCELoss, ["DiceCELoss"]),
      (ML.GeneralizedDiceLoss, ["GeneralizedDiceLoss"]), (ML.TverskyLoss, ["TverskyLoss"]),
-     (ML.DiceFocalLoss, ["DiceFocalLoss"]), (ML.GeneralizedDiceFocalLoss, ["GeneralizedDiceFocalLoss"])],
-    ids=["DiceLoss", "DiceCELoss", "GeneralizedDiceLoss", "TverskyLoss", "DiceFocalLoss", "GeneralizedDiceFocalLoss"],
+     (ML.DiceFocalLoss, ["DiceFocalLoss"]), (ML.GeneralizedDiceFocalLoss, ["GeneralizedDiceFocalLoss"]),
+     pytest.param(ML.MaskedDiceLoss, ["MaskedDiceLoss"], marks=_MASKED_PARITY)],
+    ids=["DiceLoss", "DiceCELoss", "GeneralizedDiceLoss", "TverskyLoss", "DiceFocalLoss", "GeneralizedDiceFocalLoss",
+         "MaskedDiceLoss"],
 )  # fmt: skip
 def test_parity_grids_vary_every_monai_argument(monai_cls, families):
     """Every argument of the MONAI class takes at least two values across its grids (a grid that stops varying an
@@ -1276,14 +1330,6 @@ def test_no_class_left_is_a_clear_error():
 # --------------------------------------------------------------------------------------------------------------------
 # MaskedDicePlusLoss: a region mask joins the ignore mask
 # --------------------------------------------------------------------------------------------------------------------
-
-
-# before MONAI 1.6, MaskedDiceLoss masked the logits and activated after (masked voxels then count at p = 1/C for a
-# softmax): parity is with 1.6's form, which activates first
-_MASKED_PARITY = pytest.mark.skipif(
-    tuple(int(v) for v in monai.__version__.split(".")[:2]) < (1, 6),
-    reason=f"MONAI {monai.__version__}'s MaskedDiceLoss activates after masking",
-)
 
 
 def _masked_case(mask_batch: int = 2):
