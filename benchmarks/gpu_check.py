@@ -4,6 +4,18 @@ syncs.
 
     python benchmarks/gpu_check.py
 
+Into a GPU image's own Python (e.g. Python 3.12 with torch 2.11 and Triton 3.6, no MONAI or Ignite), install the
+package beside the image's torch with ``--no-deps`` throughout, so pip can never replace torch; MONAI and Ignite
+travel as wheels (``pip download --no-deps monai==1.6.1 pytorch-ignite==0.5.5 -d wheels`` where PyPI is reachable)::
+
+    pip install --no-deps --no-index wheels/monai-1.6.1-py3-none-any.whl wheels/pytorch_ignite-0.5.5-py3-none-any.whl
+    pip install --no-deps --no-build-isolation --no-index .    # from the source tree's root, offline
+    pip check && python benchmarks/gpu_check.py
+
+``--no-build-isolation`` builds with the image's own setuptools (>= 77; torch 2.11 on Python 3.12 brings 81), so
+nothing is downloaded; with PyPI reachable, plain ``pip install --no-deps .`` does as well. Checked with torch
+2.11.0 (CUDA build) on Python 3.12 (2026-12-03): torch stays 2.11, ``pip check`` finds nothing broken.
+
 Prints one line per check and exits non-zero if any fails. Timing and memory against MONAI/nnU-Net on CUDA come
 from ``gdl-plus bench --device cuda`` (``monai_gdl_plus.app.bench``).
 """

@@ -787,6 +787,15 @@ def _combine(dice: torch.Tensor, extras: list[tuple[float, _Mean]], o: DiceOptio
     return out
 
 
+# eager under torch.compile, on every torch: dynamo 2.11 traces this autograd.Function with a wrong backward (the
+# input gradient of a compiled sync_batch loss was off), and from 2.13 on torch refuses to trace it (a graph break)
+@torch.compiler.disable
+def _all_reduce(flat: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_reduce  # differentiable: its backward all-reduces the gradient
+
+    return all_reduce(flat)
+
+
 def _sync(
     terms: DiceTerms, vol: torch.Tensor, extras: list[tuple[float, _Mean]]
 ) -> tuple[DiceTerms, torch.Tensor, list[tuple[float, _Mean]]]:
@@ -795,12 +804,10 @@ def _sync(
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return terms, vol, extras
-    from torch.distributed.nn.functional import all_reduce  # differentiable: its backward all-reduces the gradient
-
     parts = [*terms, vol, *(t for _, term in extras for t in term)]
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in parts))
     sizes = [t.numel() for t in parts]
-    flat = all_reduce(torch.cat([t.reshape(-1).to(dtype) for t in parts]))
+    flat = _all_reduce(torch.cat([t.reshape(-1).to(dtype) for t in parts]))
     out = [chunk.reshape(t.shape).to(t.dtype) for chunk, t in zip(torch.split(flat, sizes), parts, strict=False)]
     c = len(terms)
     synced = [(lam, _Mean(*out[c + 1 + 2 * i: c + 3 + 2 * i])) for i, (lam, _) in enumerate(extras)]
