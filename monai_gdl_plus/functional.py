@@ -1207,7 +1207,5 @@ def _sync_wasserstein(terms: WassersteinTerms) -> WassersteinTerms:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return terms
-    from torch.distributed.nn.functional import all_reduce  # differentiable: its backward all-reduces the gradient
-
-    both = all_reduce(torch.stack([terms.distance, terms.volume.to(terms.distance.dtype)]))
+    both = _all_reduce(torch.stack([terms.distance, terms.volume.to(terms.distance.dtype)]))
     return WassersteinTerms(both[0], both[1].to(terms.volume.dtype))
