@@ -787,13 +787,15 @@ def _combine(dice: torch.Tensor, extras: list[tuple[float, _Mean]], o: DiceOptio
     return out
 
 
-# eager under torch.compile, on every torch: dynamo 2.11 traces this autograd.Function with a wrong backward (the
-# input gradient of a compiled sync_batch loss was off), and from 2.13 on torch refuses to trace it (a graph break)
-@torch.compiler.disable
 def _all_reduce(flat: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_reduce  # differentiable: its backward all-reduces the gradient
+    """The differentiable all-reduce (its backward all-reduces the gradient), eager under torch.compile on every torch:
+    dynamo 2.11 traces its autograd.Function with a wrong backward (the input gradient of a compiled sync_batch loss
+    was off), and from 2.13 on torch refuses to trace it (a graph break). Disabled here, when called, not by a
+    decorator: ``torch.compiler.disable`` imports dynamo (and with it triton), which ``import monai_gdl_plus`` must
+    not."""
+    from torch.distributed.nn.functional import all_reduce
 
-    return all_reduce(flat)
+    return torch.compiler.disable(all_reduce)(flat)
 
 
 def _sync(
