@@ -5,7 +5,9 @@
 1. **Parity**: DicePlusLoss, DiceCEPlusLoss, GeneralizedDicePlusLoss and DiceFocalPlusLoss (label maps,
    ``to_onehot_y=True``; softmax, sigmoid, ``ignore_index=255``, class weights) with ``MONAI_GDL_PLUS_KERNELS=triton``
    against ``=torch`` and against MONAI's class (where MONAI has the variant: not ``ignore_index``), value and
-   gradient, float32 and float16 logits under ``torch.autocast("cuda", float16)``, C in {4, 16, 105, 133}.
+   gradient, float32 and float16 logits under ``torch.autocast("cuda", float16)``, C in {4, 16, 105, 133}. Under
+   autocast MONAI is run in float32 on the float16 logits: autocast leaves its sigmoid and its products in float16,
+   which our losses (float32 inside) are not meant to reproduce.
    Deviations are relative to the reference's largest magnitude; the bound is 1e-5, for a float16 gradient (written
    in the logits' dtype) float16's epsilon.
 2. **Training step** on the Triton path (``gpu_check._sync_free_step``: Conv3d + loss forward/backward + SGD, the
@@ -211,8 +213,9 @@ def parity_one(name, make_ours, make_monai, ignore, c, device, amp, spatial=PARI
         refs = []
         with kernels("torch"):
             refs.append(("torch", value_and_grad(ours, x, y, amp)))
-        if make_monai is not None:
-            refs.append(("MONAI", value_and_grad(make_monai().to(device), x, y, amp)))
+        if make_monai is not None:  # under AMP: MONAI in float32 on the rounded logits (it rounds inside to fp16)
+            monai = make_monai().to(device)
+            refs.append(("MONAI" + (" fp32" if amp else ""), value_and_grad(monai, x.float(), y, False)))
         for who, (v_ref, g_ref) in refs:
             res.versus.append(who)
             res.worst_value = max(res.worst_value, relative_error(v_tri, v_ref))
@@ -283,7 +286,7 @@ class _Autocast(torch.nn.Module):
         self.loss = loss
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.float16):
+        with _autocast(x.device, True):
             return self.loss(x, y)
 
 
@@ -307,16 +310,17 @@ def implementations() -> list[tuple[str, str, str, str]]:
 
 
 def time_case(key: str, path: str, x: torch.Tensor, y: torch.Tensor, amp: bool, repeats: int) -> dict:
-    """Median ms of ``repeats`` timed steps after :data:`WARMUP`, and the peak allocated above the inputs."""
-    loss = registry.build_loss(key).cuda()
+    """Median ms of ``repeats`` timed steps after :data:`WARMUP`, and (on CUDA) the peak allocated above the inputs."""
+    device = x.device.type
+    loss = registry.build_loss(key).to(x.device)
     if amp:
         loss = _Autocast(loss)
     with kernels(path or "torch"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(WARMUP):
             timing.step(loss, x, y)
-        samples = [timing.time_step(loss, x, y, "cuda")[0] for _ in range(repeats)]
-        peak = memory.peak_cuda(loss, x, y)
+        samples = [timing.time_step(loss, x, y, device)[0] for _ in range(repeats)]
+        peak = memory.peak_cuda(loss, x, y) if device == "cuda" else math.nan
     x.grad = None
     return {"median_ms": statistics.median(samples), "min_ms": min(samples), "peak_bytes": peak}
 
@@ -330,19 +334,22 @@ def add_ratios(rows: list[dict]) -> None:
         r["time_vs_monai"] = r["median_ms"] / ref if ok else math.nan
 
 
-def timing_rows(guard: TimeGuard, shapes: Sequence[tuple[int, ...]], repeats: int, bandwidth_gbs: float) -> list[dict]:
-    """Every implementation at each shape, float32 then float16 logits (under autocast), with the ratios."""
+def timing_rows(guard: TimeGuard, shapes: Sequence[tuple[int, ...]], repeats: int, bandwidth_gbs: float,
+                device: str = "cuda") -> list[dict]:  # fmt: skip
+    """Every implementation at each shape, float32 then float16 logits (under autocast), with the ratios (``device``
+    other than CUDA: for the tests, without memory)."""
     rows: list[dict] = []
     for shape in shapes:
         if not guard.allows(f"timing {shape_text(shape)} (all losses)"):
             continue
-        x32, y = timing.make_inputs(shape, "cuda", seed=0)
+        x32, y = timing.make_inputs(shape, device, seed=0)
         for dtype_name, dtype in DTYPES.items():
             x = x32.detach().to(dtype).requires_grad_(True)
             rows += _timing_rows_at(guard, x, y, dtype_name, repeats, bandwidth_gbs)
             del x
         del x32, y
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     add_ratios(rows)
     return rows
 

@@ -173,3 +173,32 @@ def test_gpu_check_runs_the_kernel_checks_with_kernels(gk, monkeypatch):
     assert gpu_check.main(["--kernels", "--quick"]) == 1  # a failed kernel check fails the command
     (argv,) = calls
     assert argv[:2] == ["--quick", "--budget"] and 60 <= float(argv[2]) <= gpu_check.KERNELS_WITHIN_S
+
+
+def test_timing_rows_at_a_tiny_shape_on_cpu(gk, monkeypatch, single_thread):
+    """The timing part end to end on CPU tensors (Triton's interpreter; no memory column off CUDA): every
+    implementation at both dtypes, ratios against the same family's MONAI row, the kernels' own traffic count."""
+    if not _interpreting():
+        pytest.skip("Triton was imported without TRITON_INTERPRET=1 (see conftest.py)")
+    from monai_gdl_plus.functional import kernel_traffic
+
+    monkeypatch.setattr(gk, "WARMUP", 1)
+    rows = gk.timing_rows(gk.TimeGuard("timing", math.inf), [(1, 4, 5, 4, 3)], 1, 10.0, device="cpu")
+    assert [(r["dtype"], r["loss"], r["path"]) for r in rows[:3]] == [
+        ("float32", "monai-dice", "monai"), ("float32", "ours-dice", "triton"), ("float32", "ours-dice", "torch")]
+    assert len(rows) == 2 * 9 and all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    assert all(r["time_vs_monai"] == 1.0 for r in rows if r["path"] == "monai")
+    dicece = next(r for r in rows if r["loss"] == "ours-dicece" and r["path"] == "triton" and r["dtype"] == "float16")
+    assert dicece["traffic_L"] == kernel_traffic(1, 4, 60, torch.float16, with_ce=True).total_l
+    assert dicece["logits_bytes"] == 4 * 60 * 2 and dicece["floor_ms"] == gk.floor_ms(480, 10.0)
+    assert all(math.isnan(r["traffic_L"]) for r in rows if r["path"] != "triton")
+
+
+def test_parity_under_autocast_on_cpu(gk, single_thread):
+    """float16 logits under autocast: Triton vs the torch path, and vs MONAI in float32 on the rounded logits."""
+    if not _interpreting():
+        pytest.skip("Triton was imported without TRITON_INTERPRET=1 (see conftest.py)")
+    cases = {name: (ours, ref, ig) for name, ours, ref, ig in gk.parity_cases(4)}
+    r = gk.parity_one("Dice sigmoid squared", *cases["Dice sigmoid squared"], 4, torch.device("cpu"), True,
+                      (2, 5, 4, 3))  # fmt: skip
+    assert r.ok and r.versus == ["torch", "MONAI fp32"] and r.grad_tol == torch.finfo(torch.float16).eps, r.line()
