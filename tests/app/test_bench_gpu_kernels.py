@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,43 @@ def test_parity_under_autocast_on_cpu(gk, single_thread):
     r = gk.parity_one("Dice sigmoid squared", *cases["Dice sigmoid squared"], 4, torch.device("cpu"), True,
                       (2, 5, 4, 3))  # fmt: skip
     assert r.ok and r.versus == ["torch", "MONAI fp32"] and r.grad_tol == torch.finfo(torch.float16).eps, r.line()
+
+
+def test_training_steps_run_gpu_checks_step_on_the_triton_path(gk, monkeypatch, capsys):
+    """check_training calls gpu_check._sync_free_step (stubbed: no CUDA here) with MONAI_GDL_PLUS_KERNELS=triton,
+    eager and compiled, float32 and AMP; a step that raises (a host sync) is a FAIL; a spent budget skips."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import gpu_check
+
+    seen = []
+
+    def step(fn, shape, ignore, amp):
+        seen.append((os.environ.get(gk.KERNELS_ENV), type(fn).__name__, shape[1], ignore, amp))
+        if len(seen) == 2:
+            raise RuntimeError("called a synchronizing CUDA operation\nmore")
+        return "loss=0.5"
+
+    monkeypatch.setattr(gpu_check, "_sync_free_step", step)
+    monkeypatch.setattr(torch, "compile", lambda fn, fullgraph: torch.nn.Sequential(fn))  # a visible wrapper
+    results = gk.check_training(gk.TimeGuard("train", math.inf), quick=True)
+    assert {s[0] for s in seen} == {"triton"}
+    assert len(results) == 3 * 2 + 2  # three losses x {fp32, AMP} eager at C=16, one compiled x {fp32, AMP}
+    assert [s[1] for s in seen].count("Sequential") == 2 and {s[4] for s in seen} == {False, True}
+    assert [r["ok"] for r in results].count(False) == 1 and "synchronizing" in results[1]["message"]
+    out = capsys.readouterr().out
+    assert "[FAIL]   sync-free step (triton): DiceCE softmax ignore=255 C=16 [amp fp16]: error: RuntimeError" in out
+    now = [0.0]
+    spent = gk.TimeGuard("train", 1.0, clock=lambda: now[0])
+    now[0] = 2.0
+    assert gk.check_training(spent, quick=True) == [] and len(spent.skipped) == 8
+
+
+def test_kernels_switch_is_restored(gk, monkeypatch):
+    monkeypatch.delenv(gk.KERNELS_ENV, raising=False)
+    with gk.kernels("triton"):
+        assert os.environ[gk.KERNELS_ENV] == "triton"
+    assert gk.KERNELS_ENV not in os.environ
+    monkeypatch.setenv(gk.KERNELS_ENV, "auto")
+    with pytest.raises(KeyError), gk.kernels("torch"):
+        raise KeyError
+    assert os.environ[gk.KERNELS_ENV] == "auto"
