@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 import warnings
 
 import torch
 from monai.losses import DiceCELoss, DiceLoss, GeneralizedDiceLoss
 
 from monai_gdl_plus import DicePlusLoss, GeneralizedDicePlusLoss
+
+KERNELS_WITHIN_S = 250.0  # with --kernels: gpu_kernels.py gets what is left of this (at least 60 s)
 
 
 def _sync_free_step(loss_fn: torch.nn.Module, shape: tuple[int, ...], ignore: int | None, amp: bool = False) -> str:
@@ -174,12 +177,22 @@ def check_metric_sync_free() -> bool:
     return ok
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # --kernels [gpu_kernels.py's options]: then the Triton kernels' checks and timing table (gpu_kernels.py), within
+    # what is left of KERNELS_WITHIN_S since this started, so that one command stays under 5 minutes
+    argv = sys.argv[1:] if argv is None else argv
+    start = time.monotonic()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 0
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
     results = [check_sync_free(), check_parity(), check_amp(), check_metric_sync_free()]
+    if "--kernels" in argv:
+        import gpu_kernels
+
+        rest = [a for a in argv if a != "--kernels"]
+        budget = max(60.0, KERNELS_WITHIN_S - (time.monotonic() - start))
+        results.append(gpu_kernels.main([*rest, "--budget", f"{budget:.0f}"]) == 0)
     return 0 if all(results) else 1
 
 

@@ -78,3 +78,28 @@ def test_median_time_is_the_median_after_one_untimed_call(monkeypatch):
     calls = []
     assert timing.median_time(lambda: calls.append(1), "cpu", 3) == 2.0
     assert len(calls) == 4
+
+
+def test_median_time_on_cuda_is_timed_between_cuda_events(monkeypatch):
+    """On CUDA the samples are CUDA events' elapsed times (ms, returned in s), not the host clock (faked: no GPU)."""
+    samples = iter([4.0, 1.0, 2.0])
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return next(samples)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: pytest.fail("host clock used on CUDA"))
+    calls = []
+    assert timing.median_time(lambda: calls.append(1), "cuda", 3) == pytest.approx(2.0e-3)
+    assert len(calls) == 4
