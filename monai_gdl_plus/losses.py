@@ -33,7 +33,20 @@ __all__ = [
 _P = inspect.Parameter
 
 
-class _DiceFamilyLoss(_Loss):
+class _OptionsLoss(_Loss):
+    """A loss configured by one frozen options object (``self.options``), whose fields read as attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            options = self.__dict__.get("options")
+            if options is not None and name in {f.name for f in dataclasses.fields(options)}:
+                return getattr(options, name)
+            raise
+
+
+class _DiceFamilyLoss(_OptionsLoss):
     """Shared construction: arguments bound against the class's MONAI-ordered signature, checked once into the
     options object, ``weight`` kept as a buffer; options readable as attributes (``loss.lambda_ce``)."""
 
@@ -78,15 +91,6 @@ class _DiceFamilyLoss(_Loss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of ``input`` (logits or probabilities) against ``target``; see the class docstring for shapes."""
         return type(self).function(input, target, self.options, weight=self.class_weight)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            options = self.__dict__.get("options")
-            if options is not None and name in {f.name for f in dataclasses.fields(options)}:
-                return getattr(options, name)
-            raise
 
     def extra_repr(self) -> str:
         shown = self.options.shown()
@@ -438,7 +442,7 @@ class GeneralizedDiceFocalPlusLoss(GeneralizedDicePlusLoss):
         return GF.generalized_dice_plus_loss(input, target, self.options, focal_weight=self.class_weight)
 
 
-class GeneralizedWassersteinDicePlusLoss(_Loss):
+class GeneralizedWassersteinDicePlusLoss(_OptionsLoss):
     """Generalised Wasserstein Dice loss (Fidon et al. 2017), a drop-in for
     ``monai.losses.GeneralizedWassersteinDiceLoss``: the class-aware Dice of a softmax against a label map, where a
     wrong class costs its distance to the true class.
@@ -521,15 +525,6 @@ class GeneralizedWassersteinDicePlusLoss(_Loss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of ``input`` (logits) against the label map ``target``; see the class docstring for shapes."""
         return GF.generalized_wasserstein_dice_plus_loss(input, target, self.dist_matrix, self.options)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            options = self.__dict__.get("options")
-            if options is not None and name in {f.name for f in dataclasses.fields(options)}:
-                return getattr(options, name)
-            raise
 
     def extra_repr(self) -> str:
         shown = self.options.shown()
