@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from monai_gdl_plus._ops import NO_FOCAL, Focal, autocast_off
+from monai_gdl_plus._ops import NO_FOCAL, Focal
 
 __all__ = [
     "CLASS_TILE",
@@ -185,12 +185,13 @@ def label_terms_forward(
     x, labels = x.contiguous(), labels.contiguous()
     mask = None if mask is None else mask.contiguous()
     w = None if ce_weight is None or not with_ce else ce_weight.contiguous()
-    with _device_guard(x), autocast_off(x.device):
+    flags = _flags(x, mask, w, softmax, squared, with_ce, focal, cfg)
+    # no autocast_off: nothing below is an op autocast casts (the sums are float32/float64 reductions of float32 data)
+    with _device_guard(x):
         part = torch.empty((len(slots), b, cfg.programs, c), dtype=dtype, device=x.device)
         k.forward_kernel[(cfg.programs, b)](
             x, labels, x if mask is None else mask, x if w is None else w, part, c, n, b * cfg.programs * c,
-            *_pair(focal.gamma), *_pair(focal.alpha or 0.0),
-            **_flags(x, mask, w, softmax, squared, with_ce, focal, cfg), num_warps=_FORWARD_WARPS,
+            *_pair(focal.gamma), *_pair(focal.alpha or 0.0), **flags, num_warps=_FORWARD_WARPS,
         )  # fmt: skip
         sums = part.sum(2, dtype=torch.float64)  # (terms, B, C)
         out = sums[: 4 if focal.kind else 3].to(dtype)
@@ -223,7 +224,8 @@ def label_terms_backward(
     x, labels = x.contiguous(), labels.contiguous()
     mask = None if mask is None else mask.contiguous()
     w = None if ce_weight is None or not with_ce else ce_weight.contiguous()
-    with _device_guard(x), autocast_off(x.device):
+    flags = _flags(x, mask, w, softmax, squared, with_ce, focal, cfg)
+    with _device_guard(x):  # no autocast_off, as in label_terms_forward
 
         def table(g):  # (B, C) upstream gradient, contiguous in the kernels' dtype
             return x.new_zeros((b, c), dtype=dtype) if g is None else g.to(dtype).expand(b, c).contiguous()
@@ -234,8 +236,7 @@ def label_terms_backward(
         grad = torch.empty((b, c, n), dtype=x.dtype, device=x.device)
         k.backward_kernel[(cfg.programs, b)](
             x, labels, x if mask is None else mask, x if w is None else w, gi, gp, gf, gn, grad, c, n,
-            *_pair(focal.gamma), *_pair(focal.alpha or 0.0),
-            **_flags(x, mask, w, softmax, squared, with_ce, focal, cfg), num_warps=_BACKWARD_WARPS,
+            *_pair(focal.gamma), *_pair(focal.alpha or 0.0), **flags, num_warps=_BACKWARD_WARPS,
         )  # fmt: skip
     return grad
 

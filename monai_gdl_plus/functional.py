@@ -892,7 +892,9 @@ def _batch_terms(
     mask: torch.Tensor | None = None,
 ) -> tuple[DiceTerms, torch.Tensor, Weights, list[tuple[float, _Mean]]]:
     """Steps 1-3 and the batch/sync block both losses share: the terms, volumes, class weights and extra terms,
-    summed over the batch (``batch``) and over every process (``sync_batch``)."""
+    summed over the batch (``batch``) and over every process (``sync_batch``). No autocast context is needed: each
+    route sums in float32 or wider under autocast by itself (the plain one widens and is element-wise, which autocast
+    never casts down; the fused one turns autocast off around its ``bmm``; the Triton kernels accumulate in float32)."""
     prep = prepare(input, target, o, mask)
     weights = class_weights(prep, o, weight, focal_weight)
     terms = per_class_terms(prep, o, weights)
@@ -937,15 +939,14 @@ def dice_plus_loss(
         True
     """
     o = _options(DiceOptions, options, kwargs)
-    with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to
-        terms, _, weights, extras = _batch_terms(input, target, o, _weight(weight), mask=mask)
-        if o.tversky is not None:
-            f = tversky_from_terms(terms, *o.tversky, smooth_nr=o.smooth_nr, smooth_dr=o.smooth_dr)
-        else:
-            f = dice_from_terms(terms, o.smooth_nr, o.smooth_dr, o.jaccard)
-        if weights.dice is not None:
-            f = f * weights.dice.to(f)
-        return _combine(reduce_loss(f, o.reduction), extras, o)
+    terms, _, weights, extras = _batch_terms(input, target, o, _weight(weight), mask=mask)
+    if o.tversky is not None:
+        f = tversky_from_terms(terms, *o.tversky, smooth_nr=o.smooth_nr, smooth_dr=o.smooth_dr)
+    else:
+        f = dice_from_terms(terms, o.smooth_nr, o.smooth_dr, o.jaccard)
+    if weights.dice is not None:
+        f = f * weights.dice.to(f)
+    return _combine(reduce_loss(f, o.reduction), extras, o)
 
 
 def generalized_dice_plus_loss(
@@ -985,14 +986,13 @@ def generalized_dice_plus_loss(
         square 0.25
     """
     o = _options(GeneralizedDiceOptions, options, kwargs)
-    with autocast_off(input.device):  # sums in float32 or wider whatever autocast would cast them to
-        terms, vol, weights, extras = _batch_terms(input, target, o, _weight(weight), _weight(focal_weight))
-        f = generalized_dice_from_terms(
-            terms, vol, w_type=o.w_type, absent_weight=o.absent_weight, static_weight=weights.dice,
-            normalize_weights=o.normalize_weights, smooth_nr=o.smooth_nr, smooth_dr=o.smooth_dr, jaccard=o.jaccard,
-            tversky=o.tversky,
-        )  # fmt: skip
-        return _combine(reduce_loss(f, o.reduction), extras, o)
+    terms, vol, weights, extras = _batch_terms(input, target, o, _weight(weight), _weight(focal_weight))
+    f = generalized_dice_from_terms(
+        terms, vol, w_type=o.w_type, absent_weight=o.absent_weight, static_weight=weights.dice,
+        normalize_weights=o.normalize_weights, smooth_nr=o.smooth_nr, smooth_dr=o.smooth_dr, jaccard=o.jaccard,
+        tversky=o.tversky,
+    )  # fmt: skip
+    return _combine(reduce_loss(f, o.reduction), extras, o)
 
 
 _O = TypeVar("_O", DiceOptions, GeneralizedDiceOptions, WassersteinDiceOptions)
