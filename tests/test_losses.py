@@ -976,6 +976,15 @@ def test_meta_device_forward_backward(loss_cls, target_kind, ignore_index, lambd
     assert x.grad is not None and x.grad.shape == x.shape and x.grad.device.type == "meta"
 
 
+# a BraTS-like distance matrix (background far from every tumour class) for the Wasserstein loss
+_BRATS_M = [[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.6, 0.5], [1.0, 0.6, 0.0, 0.7], [1.0, 0.5, 0.7, 0.0]]
+
+
+def _gwdl(**kwargs) -> GeneralizedWassersteinDicePlusLoss:
+    """The Wasserstein loss on :data:`_BRATS_M` (four classes), as the shared compile and device cases build it."""
+    return GeneralizedWassersteinDicePlusLoss(_BRATS_M, **kwargs)
+
+
 COMPILE_CASES = {
     "dice_ce label ignore squared": (DicePlusLoss, dict(to_onehot_y=True, softmax=True, ignore_index=255,
                                                         squared_pred=True, lambda_ce=0.5)),  # fmt: skip
@@ -989,16 +998,26 @@ COMPILE_CASES = {
     "gdl sigmoid onehot (plain path)": (GeneralizedDicePlusLoss, dict(sigmoid=True)),
     "dice focal label ignore": (DiceFocalPlusLoss, dict(to_onehot_y=True, softmax=True, ignore_index=255, alpha=0.3)),
     "gdl focal tversky": (GeneralizedDiceFocalPlusLoss, dict(to_onehot_y=True, softmax=True, tversky=(0.3, 0.7))),
+    "wasserstein default": (_gwdl, dict(weighting_mode="default")),
+    "wasserstein GDL ignore batch": (_gwdl, dict(weighting_mode="GDL", ignore_index=255, batch=True)),
 }
 # the label-map cases that take the fused path (a custom op under compile)
 FUSED_COMPILE_CASES = [k for k, (_, kw) in COMPILE_CASES.items() if kw.get("to_onehot_y") and "other_act" not in kw]
+# and those that must trace without a one-hot or a gather (the Wasserstein loss: its soft class sums)
+ONE_HOT_FREE_CASES = FUSED_COMPILE_CASES + [k for k, (cls, _) in COMPILE_CASES.items() if cls is _gwdl]
+
+
+def _case_inputs(loss_cls, kwargs: dict):
+    """Logits (2, 4, 8, 8, 8) and the case's target: labels (with voxels at 255 where ``ignore_index=255``) for
+    ``to_onehot_y`` and the Wasserstein loss, their one-hot otherwise."""
+    x, labels = _make_case(SHAPES["3d"], dtype=torch.float32)
+    labels = _with_ignored(labels, 255) if kwargs.get("ignore_index") == 255 else labels
+    labelled = kwargs.get("to_onehot_y") or loss_cls is _gwdl
+    return x, labels if labelled else R.one_hot(labels[:, 0], 4, torch.float32)
 
 
 def _compile_inputs(name: str):
-    x, labels = _make_case(SHAPES["3d"], dtype=torch.float32)
-    kwargs = COMPILE_CASES[name][1]
-    labels = _with_ignored(labels, 255) if kwargs.get("ignore_index") == 255 else labels
-    return x, labels if kwargs.get("to_onehot_y") else R.one_hot(labels[:, 0], 4, torch.float32)
+    return _case_inputs(*COMPILE_CASES[name])
 
 
 @pytest.mark.slow
@@ -1083,9 +1102,10 @@ def test_dynamo_explain_no_graph_breaks(name):
     explanation = torch._dynamo.explain(loss_cls(**kwargs))(x.detach(), y)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+    targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
     if name in FUSED_COMPILE_CASES:
-        targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
         assert "monai_gdl_plus.label_terms.default" in targets, targets
+    if name in ONE_HOT_FREE_CASES:
         assert not [t for t in targets if "one_hot" in t or "gather" in t], targets
 
 
@@ -1106,6 +1126,8 @@ DETERMINISTIC_CASES = {
     "dice focal ignore": (DiceFocalPlusLoss, dict(to_onehot_y=True, softmax=True, ignore_index=255, alpha=0.3)),
     "tversky focal softmax": (TverskyPlusLoss, dict(to_onehot_y=True, softmax=True, lambda_focal=1.0,
                                                     focal_softmax=True)),  # fmt: skip
+    "wasserstein default": (_gwdl, dict(weighting_mode="default")),
+    "wasserstein GDL ignore batch": (_gwdl, dict(weighting_mode="GDL", ignore_index=255, batch=True)),
 }
 
 
@@ -1127,10 +1149,7 @@ def test_deterministic_algorithms(monkeypatch, name, as_accelerator):
     if as_accelerator:
         monkeypatch.setattr(_ops, "HOST_DEVICES", set())
     loss_cls, kwargs = DETERMINISTIC_CASES[name]
-    x, labels = _make_case(SHAPES["3d"], dtype=torch.float32)
-    if kwargs.get("ignore_index") == 255:
-        labels = _with_ignored(labels, 255)
-    y = labels if kwargs.get("to_onehot_y") else R.one_hot(labels[:, 0], 4, torch.float32)
+    x, y = _case_inputs(loss_cls, kwargs)
     loss = loss_cls(**kwargs)
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -1146,17 +1165,12 @@ def test_deterministic_algorithms(monkeypatch, name, as_accelerator):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
-@pytest.mark.parametrize("name", [
-    "dice+ce label smoothing", "dice+ce fused", "gdl ignore batch", "dice sigmoid bce", "gdl onehot ce",
-    "dice focal ignore", "tversky focal softmax",
-])  # fmt: skip
+@pytest.mark.parametrize("name", DETERMINISTIC_CASES)
 def test_accelerator_mode_loss_has_no_host_sync_and_matches_host_mode(monkeypatch, name):
     """What a GPU runs, on CPU (``_ops.HOST_DEVICES`` emptied: the always-shifted softmax, blocked class sums,
     device assertions): forward and backward read nothing back on the host, and equal the host path."""
     loss_cls, kwargs = DETERMINISTIC_CASES[name]
-    x, labels = _make_case(SHAPES["3d"], dtype=torch.float32)
-    labels = _with_ignored(labels, 255) if kwargs.get("ignore_index") == 255 else labels
-    y = labels if kwargs.get("to_onehot_y") else R.one_hot(labels[:, 0], 4, torch.float32)
+    x, y = _case_inputs(loss_cls, kwargs)
     loss = loss_cls(**kwargs)
     expected = _value_and_grad(loss, x, y)
     with monkeypatch.context() as m:
@@ -1428,10 +1442,9 @@ def test_masked_dice_compiles_without_graph_breaks_and_keeps_the_custom_op():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# GeneralizedWassersteinDicePlusLoss (its MONAI parity grid is GWDL_GRID in section 1, its autocast rows in 1b)
+# GeneralizedWassersteinDicePlusLoss (parity grid GWDL_GRID in section 1, autocast rows in 1b; compile and device cases
+# in COMPILE_CASES and DETERMINISTIC_CASES, section 6)
 # --------------------------------------------------------------------------------------------------------------------
-
-_BRATS_M = [[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.6, 0.5], [1.0, 0.6, 0.0, 0.7], [1.0, 0.5, 0.7, 0.0]]
 
 
 def test_gwdl_signature_is_monai_s():
@@ -1663,62 +1676,6 @@ def test_gwdl_meta_device_forward_backward(ignore_index, weighting_mode, batch):
     value.backward()
     assert value.device.type == "meta" and value.ndim == 0
     assert x.grad is not None and x.grad.shape == x.shape and x.grad.device.type == "meta"
-
-
-GWDL_COMPILE_CASES = {
-    "default": dict(weighting_mode="default"),
-    "GDL ignore 255 batch": dict(weighting_mode="GDL", ignore_index=255, batch=True),
-}
-
-
-@pytest.mark.parametrize("name", GWDL_COMPILE_CASES)
-def test_gwdl_dynamo_explain_no_graph_breaks(name):
-    torch._dynamo.reset()
-    x, labels = _make_case(SHAPES["3d"], dtype=torch.float32)
-    labels = _with_ignored(labels, 255)
-    loss = GeneralizedWassersteinDicePlusLoss(_BRATS_M, **GWDL_COMPILE_CASES[name])
-    labels = labels if loss.ignore_index == 255 else labels.masked_fill(labels == 255, 0)
-    explanation = torch._dynamo.explain(loss)(x.detach(), labels)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    assert explanation.graph_count == 1
-    targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
-    assert not [t for t in targets if "one_hot" in t or "gather" in t], targets
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", GWDL_COMPILE_CASES)
-def test_gwdl_torch_compile_inductor_fullgraph_matches_eager(name):
-    """Inductor, fullgraph: value and gradient equal eager, also under float16 autocast with float16 logits."""
-    torch._dynamo.reset()
-    x, labels = _make_case(SHAPES["3d"], dtype=torch.float32)
-    loss = GeneralizedWassersteinDicePlusLoss(_BRATS_M, **GWDL_COMPILE_CASES[name])
-    labels = _with_ignored(labels, 255) if loss.ignore_index == 255 else labels
-    compiled = torch.compile(loss, fullgraph=True)
-    eager_value, eager_grad = _value_and_grad(loss, x, labels)
-    value, grad = _value_and_grad(compiled, x, labels)
-    torch.testing.assert_close(value, eager_value, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(grad, eager_grad, atol=1e-7, rtol=1e-5)
-    half = x.detach().half()
-    expected = _value_and_grad(loss, half.float(), labels)[0]
-    with torch.autocast("cpu", dtype=torch.float16):
-        value, grad = _value_and_grad(compiled, half, labels)
-    torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-6)
-    assert grad.dtype == torch.float16 and torch.isfinite(grad).all()
-
-
-@pytest.mark.parametrize("name", GWDL_COMPILE_CASES)
-def test_gwdl_accelerator_mode_has_no_host_sync_and_matches_host_mode(monkeypatch, name):
-    """What a GPU runs (blocked class sums, device assertions), on CPU: no host sync, the host path's values."""
-    x, labels = _make_case(SHAPES["3d"], dtype=torch.float32)
-    loss = GeneralizedWassersteinDicePlusLoss(_BRATS_M, **GWDL_COMPILE_CASES[name])
-    labels = _with_ignored(labels, 255) if loss.ignore_index == 255 else labels
-    expected = _value_and_grad(loss, x, labels)
-    with monkeypatch.context() as m:
-        m.setattr(_ops, "HOST_DEVICES", set())
-        forbid_host_syncs(m)
-        got = _value_and_grad(loss, x, labels)
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("kw", [{}, {"weighting_mode": "GDL"}, {"ignore_index": 255, "batch": True},
