@@ -412,55 +412,73 @@ def fused_label_terms(
 
 def soft_class_sums(x: torch.Tensor, labels: torch.Tensor, bins: int) -> torch.Tensor:
     """``S[b, k, c] = sum_{n: labels[b, n] = k} softmax(x)[b, c, n]``, float64 (B, bins, C), of logits (B, C, N) and
-    labels (B, N) in [0, bins), one-hot-free and with an analytic backward (:class:`_SoftClassSums`): the per-voxel
-    part of :func:`monai_gdl_plus.functional.generalized_wasserstein_dice_plus_loss`."""
-    return _SoftClassSums.apply(x, labels, bins)
+    labels (B, N) in [0, bins), one-hot-free and with the analytic backward ``dx = p (g - sum_c p g)``,
+    ``g[b, c, n] = dS[b, y_n, c]``: the per-voxel part of
+    :func:`monai_gdl_plus.functional.generalized_wasserstein_dice_plus_loss`.
 
-
-class _SoftClassSums(torch.autograd.Function):
-    """``S[b, k, c] = sum_{n: y_n = k} softmax(x)[b, c, n]`` (float64, (B, bins, C)) from logits (B, C, N), and its
-    analytic backward ``dx = p (g - sum_c p g)`` with ``g[b, c, n] = dS[b, y_n, c]``.
-
-    Memory: the softmax is taken whole (one logits-sized buffer, freed after the forward, recomputed by the
-    backward, which overwrites it with the gradient it returns); every other per-voxel quantity lives for one
-    cache-sized chunk, and nothing but the logits and labels is saved, so forward+backward peaks near 1x the logits.
-    Class sums: on the host a float32 scatter per chunk along the voxels (the label map expanded, not copied),
-    added up in float64; elsewhere :func:`class_sums` (blocked partial histograms) per chunk.
+    One custom op (``monai_gdl_plus::soft_class_sums``, its backward another), eager and compiled alike: under
+    ``torch.compile`` it stays opaque rather than unrolled chunk by chunk. Memory: the softmax is taken whole (one
+    logits-sized buffer, freed after the forward, recomputed by the backward, which overwrites it with the gradient
+    it returns); every other per-voxel quantity lives for one cache-sized chunk, and nothing but the logits and
+    labels is saved, so forward+backward peaks near 1x the logits. Class sums: on the host a float32 scatter per
+    chunk along the voxels (the label map expanded, not copied), added up in float64; elsewhere :func:`class_sums`
+    (blocked partial histograms) per chunk.
     """
+    return _soft_class_sums_op(x, labels, bins)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, labels: torch.Tensor, bins: int) -> torch.Tensor:
-        ctx.save_for_backward(x, labels)
-        ctx.bins = bins
-        b, c, n = x.shape
-        with autocast_off(x.device):
-            p = torch.softmax(wide(x), 1)
-            soft = torch.zeros((b, c, bins), dtype=torch.float64, device=x.device)
-            host = on_host(x.device)
-            channels = torch.arange(c, device=x.device)[:, None] * bins  # accelerators' bin c * bins + y_n
-            for lo, hi in _quarter_chunks(x):
-                pc, lab = p[:, :, lo:hi], labels[:, None, lo:hi]
-                if host:
-                    part = torch.zeros((b, c, bins), dtype=pc.dtype, device=x.device)
-                    soft += part.scatter_add_(2, lab.expand(pc.shape), pc)
-                else:
-                    idx = torch.add(lab, channels).reshape(b, -1)
-                    soft += class_sums(pc.reshape(b, -1), idx, c * bins).view(b, c, bins)
-        return soft.transpose(1, 2)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_soft: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        x, labels = ctx.saved_tensors
-        b, c, n = x.shape
-        with autocast_off(x.device):
-            p = torch.softmax(wide(x), 1)  # becomes the gradient, chunk by chunk
-            table = grad_soft.transpose(1, 2).to(p.dtype).contiguous()  # [b, c, k] = dS[b, k, c]
-            for lo, hi in _quarter_chunks(x):
-                pc, lab = p[:, :, lo:hi], labels[:, None, lo:hi]
-                g = table.gather(2, lab.expand(pc.shape))
-                pc.mul_(g.sub_((g * pc).sum(1, keepdim=True)))
-        return p.to(x.dtype), None, None
+@torch.library.custom_op("monai_gdl_plus::soft_class_sums", mutates_args=())
+def _soft_class_sums_op(x: torch.Tensor, labels: torch.Tensor, bins: int) -> torch.Tensor:
+    b, c, n = x.shape
+    with autocast_off(x.device):
+        p = torch.softmax(wide(x), 1)
+        soft = torch.zeros((b, c, bins), dtype=torch.float64, device=x.device)
+        host = on_host(x.device)
+        channels = torch.arange(c, device=x.device)[:, None] * bins  # accelerators' bin c * bins + y_n
+        for lo, hi in _quarter_chunks(x):
+            pc, lab = p[:, :, lo:hi], labels[:, None, lo:hi]
+            if host:
+                part = torch.zeros((b, c, bins), dtype=pc.dtype, device=x.device)
+                soft += part.scatter_add_(2, lab.expand(pc.shape), pc)
+            else:
+                idx = torch.add(lab, channels).reshape(b, -1)
+                soft += class_sums(pc.reshape(b, -1), idx, c * bins).view(b, c, bins)
+    return soft.transpose(1, 2).contiguous()  # (B, bins, C), laid out as the fake's
+
+
+@_soft_class_sums_op.register_fake
+def _(x: torch.Tensor, labels: torch.Tensor, bins: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], bins, x.shape[1]), dtype=torch.float64)
+
+
+@torch.library.custom_op("monai_gdl_plus::soft_class_sums_backward", mutates_args=())
+def _soft_class_sums_backward_op(x: torch.Tensor, labels: torch.Tensor, grad_soft: torch.Tensor) -> torch.Tensor:
+    with autocast_off(x.device):
+        p = torch.softmax(wide(x), 1)  # becomes the gradient, chunk by chunk
+        table = grad_soft.transpose(1, 2).to(p.dtype).contiguous()  # [b, c, k] = dS[b, k, c]
+        for lo, hi in _quarter_chunks(x):
+            pc, lab = p[:, :, lo:hi], labels[:, None, lo:hi]
+            g = table.gather(2, lab.expand(pc.shape))
+            pc.mul_(g.sub_((g * pc).sum(1, keepdim=True)))
+    return p.to(x.dtype)
+
+
+@_soft_class_sums_backward_op.register_fake
+def _(x: torch.Tensor, labels: torch.Tensor, grad_soft: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _soft_setup_context(ctx, inputs, output):
+    x, labels, _ = inputs
+    ctx.save_for_backward(x, labels)
+
+
+def _soft_backward(ctx, grad_soft):
+    x, labels = ctx.saved_tensors
+    return _soft_class_sums_backward_op(x, labels, grad_soft), None, None
+
+
+_soft_class_sums_op.register_autograd(_soft_backward, setup_context=_soft_setup_context)
 
 
 def _quarter_chunks(x: torch.Tensor) -> list[tuple[int, int]]:

@@ -1001,10 +1001,12 @@ COMPILE_CASES = {
     "wasserstein default": (_gwdl, dict(weighting_mode="default")),
     "wasserstein GDL ignore batch": (_gwdl, dict(weighting_mode="GDL", ignore_index=255, batch=True)),
 }
-# the label-map cases that take the fused path (a custom op under compile)
+# the label-map cases that take the fused path, and the custom op each stays under compile (the Wasserstein loss's:
+# its soft class sums)
 FUSED_COMPILE_CASES = [k for k, (_, kw) in COMPILE_CASES.items() if kw.get("to_onehot_y") and "other_act" not in kw]
-# and those that must trace without a one-hot or a gather (the Wasserstein loss: its soft class sums)
-ONE_HOT_FREE_CASES = FUSED_COMPILE_CASES + [k for k, (cls, _) in COMPILE_CASES.items() if cls is _gwdl]
+COMPILED_OPS = {**dict.fromkeys(FUSED_COMPILE_CASES, "monai_gdl_plus.label_terms.default"),
+                **{k: "monai_gdl_plus.soft_class_sums.default" for k, (cls, _) in COMPILE_CASES.items()
+                   if cls is _gwdl}}  # fmt: skip
 
 
 def _case_inputs(loss_cls, kwargs: dict):
@@ -1103,9 +1105,8 @@ def test_dynamo_explain_no_graph_breaks(name):
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
-    if name in FUSED_COMPILE_CASES:
-        assert "monai_gdl_plus.label_terms.default" in targets, targets
-    if name in ONE_HOT_FREE_CASES:
+    if name in COMPILED_OPS:
+        assert COMPILED_OPS[name] in targets, targets
         assert not [t for t in targets if "one_hot" in t or "gather" in t], targets
 
 
