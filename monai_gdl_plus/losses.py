@@ -294,9 +294,10 @@ class DiceFocalPlusLoss(DicePlusLoss):
 
 class MaskedDicePlusLoss(DicePlusLoss):
     """Dice loss over a region, a drop-in for ``monai.losses.MaskedDiceLoss``: :class:`DicePlusLoss` whose
-    ``forward`` takes a binary ``mask`` (B, 1, *spatial) or (1, 1, *spatial); voxels where it is 0 leave every sum
-    (prediction, target, CE and focal terms), after the activation, exactly as ``ignore_index`` leaves voxels out.
-    ``mask=None`` is :class:`DicePlusLoss`. A label map stays one-hot-free (the mask joins the ignore mask).
+    ``forward`` takes a binary ``mask`` ``(B, 1, *spatial)`` or ``(1, 1, *spatial)``; voxels where it is 0 leave
+    every sum (prediction, target, CE and focal terms), after the activation, exactly as ``ignore_index`` leaves
+    voxels out. ``mask=None`` is :class:`DicePlusLoss`. A label map stays one-hot-free (the mask joins the ignore
+    mask).
 
     Equals MONAI's value and gradient for one-hot targets and for label maps without background. **Departure:** with
     a label map, ``to_onehot_y=True`` and background included, MONAI multiplies the label map by the mask, so masked
