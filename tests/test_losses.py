@@ -1084,14 +1084,16 @@ def test_compiled_bad_label_raises_a_python_exception(kwargs):
 
 
 @pytest.mark.slow
-def test_compiled_loss_keeps_eager_memory():
-    """Peak extra memory of a compiled forward+backward on a label map stays near one logits-sized buffer (the plain
-    autograd graph that compile used to trace took 2.0x at this shape). Fresh subprocess, as ``gdl-plus bench``."""
+@pytest.mark.parametrize("key,shape", [("ours-dicece", (1, 105, 32, 32, 32)), ("ours-wasserstein", (2, 4, 64, 64, 64))])
+def test_compiled_loss_keeps_eager_memory(key, shape):
+    """Peak extra memory of a compiled forward+backward on a label map stays within a few label maps of one
+    logits-sized buffer L (measured: Dice+CE 1.0 L, Wasserstein 1.8 L, its int64 label maps 0.5 L each at C = 4).
+    What compile traced before the custom ops took 2.0 L for Dice+CE, and the Wasserstein loss's chunk loop,
+    unrolled, 9.5 L here. Fresh subprocess, as ``gdl-plus bench``."""
     from monai_gdl_plus.app import bench
 
-    shape = (1, 105, 32, 32, 32)
-    peak = bench._peak_cpu_subprocess("ours-dicece", shape, threads=2, seed=0, compiled=True)
-    assert peak / (4 * math.prod(shape)) < 1.3
+    peak = bench._peak_cpu_subprocess(key, shape, threads=2, seed=0, compiled=True)
+    assert peak / (4 * math.prod(shape)) < (1.3 if key == "ours-dicece" else 2.5)
 
 
 @pytest.mark.parametrize("name", COMPILE_CASES)
