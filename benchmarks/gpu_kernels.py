@@ -35,20 +35,19 @@ import csv
 import itertools
 import json
 import math
-import os
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from monai_gdl_plus.app.bench import memory, registry, timing
+from monai_gdl_plus.app.bench.traffic import KERNELS_ENV, kernels  # noqa: F401 (KERNELS_ENV: the switch's name, for callers)
 
-KERNELS_ENV = "MONAI_GDL_PLUS_KERNELS"
 PARITY_CLASSES = (4, 133, 16, 105)  # the extremes first: what a spent budget skips is C=16 and 105
 QUICK_PARITY_CLASSES = (4, 133)
 PARITY_SPATIAL = (2, 20, 20, 20)  # (B, *spatial): 8000 voxels a sample, not a multiple of any block
@@ -90,20 +89,6 @@ class TimeGuard:
             print(f"[skip] {self.part}: its {self.seconds:.0f} s are spent; skipping the remaining cases")
         self.skipped.append(case)
         return False
-
-
-@contextlib.contextmanager
-def kernels(choice: str) -> Iterator[None]:
-    """``MONAI_GDL_PLUS_KERNELS=choice`` for the block (the losses read it at each call)."""
-    before = os.environ.get(KERNELS_ENV)
-    os.environ[KERNELS_ENV] = choice
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(KERNELS_ENV, None)
-        else:
-            os.environ[KERNELS_ENV] = before
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:

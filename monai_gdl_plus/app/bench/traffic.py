@@ -59,7 +59,7 @@ import importlib
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +73,7 @@ from monai_gdl_plus.options import check_option
 __all__ = [
     "ALLOCATIONS", "GATHERS", "INDEXED", "KERNELS_ENV", "KERNEL_SOURCES", "LIBRARY_KERNEL_TRAFFIC", "LOSS_FLAGS",
     "TRAFFIC_DEVICES", "TRAFFIC_DTYPES", "WRITE_ONLY", "KernelSource", "Traffic", "TrafficCounter", "count_step",
-    "kernel_sources", "register_kernel_source", "tensor_bytes", "traffic_rows",
+    "kernel_sources", "kernels", "register_kernel_source", "tensor_bytes", "traffic_rows",
 ]  # fmt: skip
 
 TRAFFIC_DEVICES = ("meta", "cpu", "cuda")
@@ -244,15 +244,17 @@ def _outputs(out: object) -> list[torch.Tensor]:
 def count_step(fn: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> Traffic:
     """The traffic of ``fn(x, y).backward()`` (``x`` requiring grad), inputs made outside the count, with the
     library on its torch path (:data:`KERNELS_ENV` ``=torch``, restored after)."""
-    with _torch_path(), TrafficCounter() as counter:
+    with kernels("torch"), TrafficCounter() as counter:
         fn(x, y).backward()
     return counter.result()
 
 
 @contextlib.contextmanager
-def _torch_path():
+def kernels(choice: str) -> Iterator[None]:
+    """``MONAI_GDL_PLUS_KERNELS=choice`` (:data:`KERNELS_ENV`) for the block, restored after (the losses read it at
+    each call)."""
     before = os.environ.get(KERNELS_ENV)
-    os.environ[KERNELS_ENV] = "torch"
+    os.environ[KERNELS_ENV] = choice
     try:
         yield
     finally:
