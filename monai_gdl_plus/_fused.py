@@ -41,6 +41,7 @@ from monai_gdl_plus._ops import (
     NO_FOCAL,
     Focal,
     autocast_off,
+    check_label_route,
     chunk_voxels,
     class_sums,
     nll_from_lse,
@@ -392,10 +393,7 @@ def fused_label_terms(
         with_ce: also return the summed, masked, weighted NLL (softmax only).
         focal: the focal term to sum (:class:`Focal`; its softmax form needs ``softmax``).
     """
-    if with_ce and not softmax:
-        raise ValueError("`with_ce=True` needs `softmax=True` in fused_label_terms.")
-    if focal.kind == 2 and not softmax:
-        raise ValueError("the softmax-form focal term needs `softmax=True` in fused_label_terms.")
+    check_label_route(softmax, with_ce, focal, "fused_label_terms")
     if not torch.compiler.is_compiling() and use_triton(
         x, mask, ce_weight, softmax=softmax, squared=squared, with_ce=with_ce, focal=focal
     ):  # the Triton kernels (CUDA, or forced): monai_gdl_plus._triton

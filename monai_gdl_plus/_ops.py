@@ -34,6 +34,7 @@ __all__ = [
     "activate",
     "as_count",
     "autocast_off",
+    "check_label_route",
     "checks_enabled",
     "chunk_voxels",
     "class_sums",
@@ -98,6 +99,15 @@ def chunk_voxels(x: torch.Tensor) -> int:
     """Voxels per chunk of a (B, C, N) tensor's temporaries (:data:`CHUNK_ELEMENTS`)."""
     b, c = x.shape[:2]
     return max(1, CHUNK_ELEMENTS.get(x.device.type, _DEFAULT_CHUNK) // max(1, b * c))
+
+
+def check_label_route(softmax: bool, with_ce: bool, focal: Focal, where: str) -> None:
+    """The label-map routes' flag rule: CE and the softmax-form focal term need the softmax (ValueError naming
+    ``where``, the function called)."""
+    if with_ce and not softmax:
+        raise ValueError(f"`with_ce=True` needs `softmax=True` in {where}.")
+    if focal.kind == 2 and not softmax:
+        raise ValueError(f"the softmax-form focal term needs `softmax=True` in {where}.")
 
 
 def checks_enabled(x: torch.Tensor) -> bool:

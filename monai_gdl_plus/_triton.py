@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from monai_gdl_plus._ops import NO_FOCAL, Focal
+from monai_gdl_plus._ops import NO_FOCAL, Focal, check_label_route
 
 __all__ = [
     "CLASS_TILE",
@@ -272,10 +272,7 @@ def triton_label_terms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`monai_gdl_plus._fused.fused_label_terms` by the Triton kernels, differentiable in ``x`` (a second
     backward recomputes; no double backward). Same arguments, same returns."""
-    if with_ce and not softmax:
-        raise ValueError("`with_ce=True` needs `softmax=True` in triton_label_terms.")
-    if focal.kind == 2 and not softmax:
-        raise ValueError("the softmax-form focal term needs `softmax=True` in triton_label_terms.")
+    check_label_route(softmax, with_ce, focal, "triton_label_terms")
     return _TritonLabelTerms.apply(x, labels, mask, ce_weight, softmax, squared, with_ce, Focal(*focal))
 
 
