@@ -103,13 +103,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"gdl-plus bench: error: {e}", file=sys.stderr)
         return 2
     print(report.format_table(rows))
-    if args.csv:
-        try:
-            report.write_csv(rows, args.csv)
-        except OSError as e:
-            print(f"gdl-plus bench: error: cannot write `--csv` {args.csv!r}: {e}", file=sys.stderr)
-            return 2
-        print(f"rows saved to {args.csv}")
+    if not _save_csv(rows, args.csv):
+        return 2
     return 1 if any(r["status"].startswith("error") or r["memory_status"].startswith("error") for r in rows) else 0
 
 
@@ -125,13 +120,8 @@ def _run_traffic(args: argparse.Namespace, shapes: list[tuple[int, ...]]) -> int
         print(f"gdl-plus bench: error: {e}", file=sys.stderr)
         return 2
     print(report.format_traffic_table(rows))
-    if args.csv:
-        try:
-            report.write_csv(rows, args.csv)
-        except OSError as e:
-            print(f"gdl-plus bench: error: cannot write `--csv` {args.csv!r}: {e}", file=sys.stderr)
-            return 2
-        print(f"rows saved to {args.csv}")
+    if not _save_csv(rows, args.csv):
+        return 2
     return 1 if any(r["status"].startswith("error") for r in rows) else 0
 
 
@@ -174,3 +164,16 @@ def _memory_child(argv: list[str]) -> int:
     a = child.parse_args(argv)
     print(json.dumps(memory.memory_child(a.key, a.shape, a.threads, a.seed, a.compile)))
     return 0
+
+
+def _save_csv(rows: list[dict], path: str | None) -> bool:
+    """``--csv``: the rows written to ``path`` (nothing without one); False, with a one-line error, when the file
+    cannot be written."""
+    if path:
+        try:
+            report.write_csv(rows, path)
+        except OSError as e:
+            print(f"gdl-plus bench: error: cannot write `--csv` {path!r}: {e}", file=sys.stderr)
+            return False
+        print(f"rows saved to {path}")
+    return True
